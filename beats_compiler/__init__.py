@@ -1,0 +1,22 @@
+"""beats-compile: a verified graph-rewriting compiler for ONNX models."""
+
+from .api import CompileResult, InternalError, compile
+from .errors import BeatsError, InputError, VerificationError
+from .io import load_model, save_model
+from .report import CompileReport
+from .targets import TARGETS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BeatsError",
+    "CompileReport",
+    "CompileResult",
+    "InputError",
+    "InternalError",
+    "TARGETS",
+    "VerificationError",
+    "compile",
+    "load_model",
+    "save_model",
+]

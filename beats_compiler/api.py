@@ -1,0 +1,171 @@
+"""Public Python API: ``compile`` returns the optimized model and one report."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from passes import PassError, PassManager, to_graph, to_model
+from passes.convert import quiet
+
+from .errors import BeatsError, InputError
+from .io import LoadedModel, check_model, load_model
+from .report import CompileReport, ModelStats
+from .targets import PipelineOptions, build_passes, get_target
+from .verify import Verification, verify as run_verification
+
+Progress = Callable[[str], None]
+
+
+class InternalError(BeatsError):
+    """A pass or the exporter produced something invalid: a bug in beats-compile."""
+
+    exit_code = 3
+
+
+@dataclass
+class CompileResult:
+    model: onnx.ModelProto
+    report: CompileReport
+
+    @property
+    def ok(self) -> bool:
+        return self.report.verified is not False
+
+
+def _is_sorted(graph: gs.Graph, outer: set[str]) -> bool:
+    known = set(outer)
+    known.update(t.name for t in graph.inputs)
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name and not isinstance(t, gs.Constant) and t.name not in known:
+                return False
+        for sub in node.subgraphs():
+            if not _is_sorted(sub, known):
+                return False
+        known.update(t.name for t in node.outputs if t.name)
+    return True
+
+
+def _as_loaded(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> tuple[onnx.ModelProto, LoadedModel | None]:
+    if isinstance(model, LoadedModel):
+        return model.model, model
+    if isinstance(model, onnx.ModelProto):
+        check_model(model)
+        return model, None
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_model(model)
+        return loaded.model, loaded
+    raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+
+
+def compile(  # noqa: A001 - the product's verb
+    model: onnx.ModelProto | LoadedModel | str | os.PathLike,
+    target: str = "cpu",
+    *,
+    verify: bool = True,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    disable: Iterable[str] = (),
+    max_rounds: int = 8,
+    fold_size_limit: int | None = None,
+    check_each_pass: bool = False,
+    measure_latency: bool = True,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Optimize ``model`` for ``target`` and (unless ``verify=False``) prove on
+    ONNX Runtime that the result computes the same outputs.
+
+    Touches no file except reading ``model`` when it is a path.  Never raises
+    for a verification mismatch: ``result.report.verified`` is then False.
+    Raises ``InputError`` for bad input and ``InternalError`` for a bug.
+    """
+    t_start = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    profile = get_target(target)
+    say("loading model")
+    original, loaded = _as_loaded(model)
+    before = ModelStats.of(original)
+    options = PipelineOptions() if fold_size_limit is None else PipelineOptions(fold_size_limit=fold_size_limit)
+    try:
+        passes = build_passes(profile, options)
+        manager = PassManager(
+            passes,
+            max_rounds=max_rounds,
+            disabled=disable,
+            check=(lambda g: check_model(to_model(g, env))) if check_each_pass else None,
+            on_pass=lambda rec: say(f"round {rec.round}: {rec.name}"),
+        )
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    graph, env = to_graph(original)
+    say("optimizing")
+    try:
+        run = manager.run(graph)
+    except PassError as exc:
+        if isinstance(exc.cause, BeatsError):
+            raise exc.cause from None
+        raise InternalError(str(exc)) from exc
+    with quiet():
+        if not _is_sorted(graph, set()):
+            graph.toposort()
+    result = to_model(graph, env)
+    try:
+        check_model(result)
+    except InputError as exc:
+        raise InternalError(f"the optimized model fails the ONNX checker: {exc}") from None
+    after = ModelStats.of(result)
+    ver: Verification | None = None
+    if verify:
+        say("verifying on ONNX Runtime")
+        ver = run_verification(
+            None if loaded is not None else original,
+            result,
+            original_path=loaded.path if loaded is not None else None,
+            inputs=inputs,
+            rtol=profile.rtol if rtol is None else rtol,
+            atol=profile.atol if atol is None else atol,
+            measure_latency=measure_latency,
+        )
+    warnings = []
+    if not run.converged:
+        warnings.append(f"passes still changing the graph after {run.rounds} rounds (raise max_rounds)")
+    report = CompileReport(
+        target=profile.name,
+        input=str(loaded.path) if loaded is not None else None,
+        output=None,
+        verified=None if ver is None else ver.verified,
+        max_abs_diff=None if ver is None else ver.max_abs_diff,
+        max_rel_diff=None if ver is None else ver.max_rel_diff,
+        rtol=profile.rtol if rtol is None else rtol,
+        atol=profile.atol if atol is None else atol,
+        nodes_before=before.nodes,
+        nodes_after=after.nodes,
+        initializers_before=before.initializers,
+        initializers_after=after.initializers,
+        weight_bytes_before=before.weight_bytes,
+        weight_bytes_after=after.weight_bytes,
+        file_size_before=loaded.file_bytes if loaded is not None else original.ByteSize(),
+        file_size_after=result.ByteSize(),
+        latency_ms_before=None if ver is None else ver.latency_ms_before,
+        latency_ms_after=None if ver is None else ver.latency_ms_after,
+        op_histogram_before=before.op_histogram,
+        op_histogram_after=after.op_histogram,
+        passes=[r.to_dict() for r in run.records],
+        rounds=run.rounds,
+        converged=run.converged,
+        seconds=round(time.perf_counter() - t_start, 4),
+        outputs=[] if ver is None else [o.to_dict() for o in ver.outputs],
+        verify_inputs={} if ver is None else ver.inputs,
+        verify_input_source=None if ver is None else ver.input_source,
+        warnings=warnings,
+    )
+    return CompileResult(result, report)

@@ -1,0 +1,19 @@
+"""Error classes; each carries the CLI exit code it maps to."""
+
+
+class BeatsError(Exception):
+    """Base of every error the tool reports as a one-line message."""
+
+    exit_code = 3
+
+
+class InputError(BeatsError):
+    """Bad input or usage: unreadable model, bad flag value, unsafe path."""
+
+    exit_code = 2
+
+
+class VerificationError(BeatsError):
+    """The compiled model does not compute the same function as the input."""
+
+    exit_code = 1

@@ -1,0 +1,157 @@
+"""The one boundary between ONNX protobuf and the in-memory graph.
+
+``to_graph`` imports a ``ModelProto`` into an onnx-graphsurgeon ``Graph`` plus
+an ``Envelope`` holding everything gs does not model (metadata, functions,
+overridable initializers, IR < 4 input lists); ``to_model`` exports it back.
+No other module edits protobuf fields of a model by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence onnx-graphsurgeon's logger (it prints to stdout) for a block."""
+    with G_LOGGER.suppress(G_LOGGER.CRITICAL + 10):
+        yield
+
+
+@dataclass
+class Envelope:
+    """Model-level data that the graph object does not carry."""
+
+    ir_version: int
+    opset_import: list[onnx.OperatorSetIdProto]
+    producer_name: str = ""
+    producer_version: str = ""
+    domain: str = ""
+    model_version: int = 0
+    doc_string: str = ""
+    metadata_props: list[onnx.StringStringEntryProto] = field(default_factory=list)
+    graph_metadata_props: list[onnx.StringStringEntryProto] = field(default_factory=list)
+    functions: list[onnx.FunctionProto] = field(default_factory=list)
+    training_info: list = field(default_factory=list)
+    # IR >= 4: initializers that are also graph inputs are defaults the caller
+    # may override, so the graph sees them as inputs; their values live here.
+    overridable: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    # IR < 4: every initializer must be listed as a graph input.
+    input_order: list[str] = field(default_factory=list)
+
+
+def _copy_list(repeated) -> list:
+    out = []
+    for m in repeated:
+        c = type(m)()
+        c.CopyFrom(m)
+        out.append(c)
+    return out
+
+
+def to_graph(model: onnx.ModelProto) -> tuple[gs.Graph, Envelope]:
+    """Import ``model``.  The model's tensors are shared, not copied."""
+    env = Envelope(
+        ir_version=model.ir_version,
+        opset_import=_copy_list(model.opset_import),
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=model.model_version,
+        doc_string=model.doc_string,
+        metadata_props=_copy_list(model.metadata_props),
+        graph_metadata_props=_copy_list(getattr(model.graph, "metadata_props", [])),
+        functions=_copy_list(model.functions),
+        training_info=_copy_list(model.training_info),
+        input_order=[i.name for i in model.graph.input],
+    )
+    with quiet():
+        graph = gs.import_onnx(model)
+    init_names = {t.name for t in model.graph.initializer}
+    if model.ir_version >= 4:
+        by_name = {t.name: t for t in model.graph.initializer}
+        tensors = graph.tensors()
+        for pos, vi in enumerate(model.graph.input):
+            if vi.name not in init_names:
+                continue
+            env.overridable[vi.name] = by_name[vi.name]
+            const = tensors.get(vi.name)
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in vi.type.tensor_type.shape.dim]
+            var = gs.Variable(vi.name, dtype=onnx.helper.tensor_dtype_to_np_dtype(by_name[vi.name].data_type)
+                              if by_name[vi.name].data_type not in (0, onnx.TensorProto.STRING) else None,
+                              shape=shape)
+            if isinstance(const, gs.Constant):
+                for node in list(const.outputs):
+                    for i, t in enumerate(node.inputs):
+                        if t is const:
+                            node.inputs[i] = var
+            graph.inputs.insert(min(pos, len(graph.inputs)), var)
+    return graph, env
+
+
+def _dedupe_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
+    """gs exports an outer-scope constant used in a subgraph into the subgraph
+    too; a subgraph may not redefine an outer name, so drop those copies."""
+    if outer:
+        keep = [t for t in graph.initializer if t.name not in outer]
+        if len(keep) != len(graph.initializer):
+            kept = _copy_list(keep)
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+    scope = set(outer)
+    scope.update(t.name for t in graph.initializer)
+    scope.update(i.name for i in graph.input)
+    for node in graph.node:
+        scope.update(node.output)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _dedupe_outer_initializers(attr.g, scope)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    _dedupe_outer_initializers(g, scope)
+
+
+def to_model(graph: gs.Graph, env: Envelope) -> onnx.ModelProto:
+    """Export ``graph`` with the model-level data in ``env``."""
+    with quiet():
+        model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(env.opset_import))
+    model.ir_version = env.ir_version
+    model.producer_name = env.producer_name
+    model.producer_version = env.producer_version
+    model.domain = env.domain
+    model.model_version = env.model_version
+    model.doc_string = env.doc_string
+    model.metadata_props.extend(env.metadata_props)
+    if env.graph_metadata_props and hasattr(model.graph, "metadata_props"):
+        model.graph.metadata_props.extend(env.graph_metadata_props)
+    del model.functions[:]
+    model.functions.extend(env.functions)
+    model.training_info.extend(env.training_info)
+    g = model.graph
+    input_names = {i.name for i in g.input}
+    for name, tensor in env.overridable.items():
+        if name in input_names:
+            g.initializer.append(tensor)
+    _dedupe_outer_initializers(g, set())
+    if env.ir_version < 4:
+        _list_initializers_as_inputs(g, env.input_order)
+    return model
+
+
+def _list_initializers_as_inputs(g: onnx.GraphProto, order: list[str]) -> None:
+    present = {i.name: i for i in g.input}
+    for t in g.initializer:
+        if t.name not in present:
+            present[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    rank = {name: k for k, name in enumerate(order)}
+    ordered = sorted(present.values(), key=lambda vi: rank.get(vi.name, len(rank)))
+    ordered = _copy_list(ordered)
+    del g.input[:]
+    g.input.extend(ordered)

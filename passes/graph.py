@@ -1,0 +1,162 @@
+"""Small helpers over onnx-graphsurgeon graphs shared by the passes.
+
+Node identity is by ``id``: gs overrides ``Node.__eq__`` with a field
+comparison, so ``node in list`` is both slow and wrong for our purposes.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+# Ops whose result is not a function of their inputs: never folded or merged.
+NONDETERMINISTIC_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
+)
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+def is_standard(node: gs.Node) -> bool:
+    return (node.domain or "") in STANDARD_DOMAINS
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph itself, then every If/Loop/Scan body inside it, recursively."""
+    yield graph
+    for node in graph.nodes:
+        for sub in node.subgraphs(recursive=False):
+            yield from iter_graphs(sub)
+
+
+def count_nodes(graph: gs.Graph) -> int:
+    return sum(len(g.nodes) for g in iter_graphs(graph))
+
+
+def has_subgraphs(node: gs.Node) -> bool:
+    return any(isinstance(v, gs.Graph) for v in node.attrs.values())
+
+
+def is_const(t: gs.Tensor | None) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def is_empty(t: gs.Tensor) -> bool:
+    return isinstance(t, gs.Variable) and t.name == ""
+
+
+def const_value(t: gs.Constant) -> np.ndarray:
+    return np.asarray(t.values)
+
+
+def const_nbytes(t: gs.Constant) -> int:
+    v = t._values
+    if hasattr(v, "nbytes"):
+        return int(v.nbytes)
+    return int(np.asarray(t.values).nbytes)
+
+
+def producer(t: gs.Tensor) -> gs.Node | None:
+    return t.inputs[0] if len(t.inputs) else None
+
+
+def io_ids(graph: gs.Graph) -> tuple[set[int], set[int]]:
+    return {id(t) for t in graph.inputs}, {id(t) for t in graph.outputs}
+
+
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> int:
+    """Point every consumer of ``old`` at ``new``; returns the number of edges moved."""
+    moved = 0
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+                moved += 1
+    return moved
+
+
+def remove_nodes(graph: gs.Graph, dead: list[gs.Node]) -> None:
+    dead_ids = {id(n) for n in dead}
+    for n in dead:
+        n.inputs.clear()
+        n.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if id(n) not in dead_ids]
+
+
+def bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> bool:
+    """Remove ``node``, whose output ``dst`` always equals its input ``src``.
+
+    When ``dst`` is an output of the graph its name must survive, so the
+    producer of ``src`` is made to write ``dst`` directly; that is only legal
+    when ``src`` is a plain local intermediate.  Returns False (and changes
+    nothing) when the bypass is not legal.
+    """
+    in_ids, out_ids = io_ids(graph)
+    local_ids = {id(n) for n in graph.nodes}
+    if id(dst) in out_ids:
+        prod = producer(src)
+        if (
+            prod is None
+            or id(prod) not in local_ids
+            or id(src) in in_ids
+            or id(src) in out_ids
+            or is_const(src)
+        ):
+            return False
+        if src.dtype is not None and dst.dtype is not None and src.dtype != dst.dtype:
+            return False
+        # Rename: the producer now writes dst; src's other readers read dst.
+        replace_uses(src, dst)
+        node.outputs.clear()
+        idx = [i for i, t in enumerate(prod.outputs) if t is src][0]
+        prod.outputs[idx] = dst
+        remove_nodes(graph, [node])
+        return True
+    replace_uses(dst, src)
+    remove_nodes(graph, [node])
+    return True
+
+
+def attr_key(value) -> object:
+    """A hashable, deterministic key for a node attribute value."""
+    if isinstance(value, gs.Graph):
+        return ("graph", id(value))
+    if isinstance(value, gs.Tensor):
+        if isinstance(value, gs.Constant):
+            a = const_value(value)
+            return ("tensor", a.dtype.str, a.shape, a.tobytes())
+        return ("tensor", value.name)
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(attr_key(v) for v in value)
+    if isinstance(value, float):
+        return ("float", np.float32(value).tobytes())
+    if isinstance(value, onnx.TensorProto):
+        return ("proto", value.SerializeToString(deterministic=True))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return repr(value)
+
+
+class NameScope:
+    """Deterministic fresh names that do not collide with anything in the model."""
+
+    def __init__(self, graph: gs.Graph):
+        self.used: set[str] = set()
+        for g in iter_graphs(graph):
+            self.used.update(g.tensors().keys())
+            self.used.update(n.name for n in g.nodes if n.name)
+
+    def fresh(self, base: str) -> str:
+        base = base or "beats"
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name

@@ -1,0 +1,229 @@
+"""Type and shape facts from ONNX shape inference, and the shape folding pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .base import Pass, PassResult
+from .convert import quiet
+from .graph import const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
+
+Dim = int | str | None
+
+# Initializers above this many elements are handed to shape inference as
+# typed graph inputs, so probing shapes never copies big weights around.
+_PROBE_CONST_LIMIT = 1024
+
+
+@dataclass
+class TypeMap:
+    """Element type and shape per tensor name, as far as inference proves them."""
+
+    elem: dict[str, int] = field(default_factory=dict)
+    shapes: dict[str, tuple[Dim, ...] | None] = field(default_factory=dict)
+    error: str | None = None
+
+    def shape(self, t: gs.Tensor) -> tuple[Dim, ...] | None:
+        if is_const(t):
+            return tuple(const_value(t).shape)
+        s = self.shapes.get(t.name)
+        if s is None and isinstance(t, gs.Variable) and t.shape is not None:
+            s = tuple(d if isinstance(d, (int, str)) else None for d in t.shape)
+        return s
+
+    def static_shape(self, t: gs.Tensor) -> tuple[int, ...] | None:
+        s = self.shape(t)
+        if s is None or not all(isinstance(d, int) and d >= 0 for d in s):
+            return None
+        return tuple(int(d) for d in s)
+
+    def rank(self, t: gs.Tensor) -> int | None:
+        s = self.shape(t)
+        return None if s is None else len(s)
+
+    def dtype(self, t: gs.Tensor) -> np.dtype | None:
+        if is_const(t):
+            return const_value(t).dtype
+        e = self.elem.get(t.name, 0)
+        if e:
+            try:
+                return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(e))
+            except Exception:
+                return None
+        if isinstance(t, gs.Variable) and isinstance(t.dtype, type | np.dtype):
+            try:
+                return np.dtype(t.dtype)
+            except TypeError:
+                return None
+        return None
+
+
+def _read_value_info(vi: onnx.ValueInfoProto, tm: TypeMap) -> None:
+    tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+    if tt is None:
+        return
+    if tt.elem_type:
+        tm.elem[vi.name] = tt.elem_type
+    if tt.HasField("shape"):
+        dims: list[Dim] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.dim_param:
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        tm.shapes[vi.name] = tuple(dims)
+
+
+def _collect(g: onnx.GraphProto, tm: TypeMap) -> None:
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        _read_value_info(vi, tm)
+    for t in g.initializer:
+        tm.elem[t.name] = t.data_type
+        tm.shapes[t.name] = tuple(int(d) for d in t.dims)
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                _collect(a.g, tm)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    _collect(sub, tm)
+
+
+def infer_types(graph: gs.Graph) -> TypeMap:
+    """Run ONNX shape inference (with data propagation) on the graph as it is now.
+
+    An inference failure is not fatal: the map is then built from the types
+    the graph already declares, and ``error`` says why inference failed.
+    """
+    with quiet():
+        model = gs.export_onnx(graph, do_type_check=False)
+    g = model.graph
+    big = [t for t in g.initializer if int(np.prod(t.dims, dtype=np.int64)) > _PROBE_CONST_LIMIT]
+    if big:
+        small = [t for t in g.initializer if int(np.prod(t.dims, dtype=np.int64)) <= _PROBE_CONST_LIMIT]
+        for t in big:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        kept = []
+        for t in small:
+            c = onnx.TensorProto()
+            c.CopyFrom(t)
+            kept.append(c)
+        del g.initializer[:]
+        g.initializer.extend(kept)
+    tm = TypeMap()
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # reported through TypeMap.error, counted by callers
+        tm.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        inferred = model
+    _collect(inferred.graph, tm)
+    return tm
+
+
+def replace_with_constant(graph: gs.Graph, node: gs.Node, out: gs.Tensor, value: np.ndarray) -> None:
+    """Replace ``node`` (single live output ``out``) by the constant ``value``.
+
+    A graph output keeps its name and becomes a ``Constant`` node; anything
+    else becomes an initializer that takes over the output's name.
+    """
+    _, out_ids = io_ids(graph)
+    if id(out) in out_ids:
+        node.op = "Constant"
+        node.domain = ""
+        node.inputs.clear()
+        node.outputs = [out]
+        node.attrs = {"value": gs.Constant(out.name + "_value", np.asarray(value))}
+        return
+    const = gs.Constant(out.name, np.asarray(value))
+    replace_uses(out, const)
+    remove_nodes(graph, [node])
+
+
+def _shape_slice(rank: int, start: int, end: int | None) -> range:
+    def clamp(x: int) -> int:
+        if x < 0:
+            x += rank
+        return min(max(x, 0), rank)
+
+    return range(clamp(start), clamp(rank if end is None else end))
+
+
+class FoldShapes(Pass):
+    """Shape/Size of tensors whose (selected) dims inference proves static,
+    and Gather/Slice of a Shape that pick only static dims, become constants.
+    Dynamic dimensions are never replaced."""
+
+    name = "fold_shapes"
+    idempotent = True
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        tm = infer_types(graph)
+        stats = {"shape": 0, "size": 0, "shape_gather": 0, "shape_slice": 0}
+        if tm.error:
+            stats["inference_failed"] = 1
+        for g in iter_graphs(graph):
+            for node in list(g.nodes):
+                if not is_standard(node) or len(node.outputs) != 1 or not node.inputs:
+                    continue
+                if node.op == "Shape":
+                    shape = tm.shape(node.inputs[0])
+                    if shape is None:
+                        continue
+                    dims = [shape[i] for i in _shape_slice(len(shape), node.attrs.get("start", 0), node.attrs.get("end"))]
+                    if all(isinstance(d, int) for d in dims):
+                        replace_with_constant(g, node, node.outputs[0], np.array(dims, dtype=np.int64))
+                        stats["shape"] += 1
+                elif node.op == "Size":
+                    shape = tm.static_shape(node.inputs[0])
+                    if shape is not None:
+                        replace_with_constant(g, node, node.outputs[0], np.array(int(np.prod(shape, dtype=np.int64)), dtype=np.int64))
+                        stats["size"] += 1
+                elif node.op in ("Gather", "Slice"):
+                    key = self._fold_shape_pick(g, node, tm)
+                    if key:
+                        stats[key] += 1
+        return PassResult(any(stats[k] for k in ("shape", "size", "shape_gather", "shape_slice")), stats)
+
+    @staticmethod
+    def _fold_shape_pick(g: gs.Graph, node: gs.Node, tm: TypeMap) -> str | None:
+        src = node.inputs[0]
+        prod = src.inputs[0] if len(src.inputs) else None
+        if prod is None or prod.op != "Shape" or not is_standard(prod) or not prod.inputs:
+            return None
+        shape = tm.shape(prod.inputs[0])
+        if shape is None:
+            return None
+        dims = [shape[i] for i in _shape_slice(len(shape), prod.attrs.get("start", 0), prod.attrs.get("end"))]
+        idx = np.arange(len(dims))
+        if node.op == "Gather":
+            if len(node.inputs) != 2 or not is_const(node.inputs[1]) or node.attrs.get("axis", 0) != 0:
+                return None
+            ind = const_value(node.inputs[1]).astype(np.int64)
+            if ind.size == 0 or ind.min() < -len(dims) or ind.max() >= len(dims):
+                return None
+            picked = idx[ind]
+            key = "shape_gather"
+        else:
+            consts = node.inputs[1:]
+            if len(consts) < 2 or not all(is_const(t) for t in consts if t.name):
+                return None
+            starts = const_value(consts[0]).astype(np.int64).ravel()
+            ends = const_value(consts[1]).astype(np.int64).ravel()
+            axes = const_value(consts[2]).ravel() if len(consts) > 2 and consts[2].name else np.array([0])
+            steps = const_value(consts[3]).astype(np.int64).ravel() if len(consts) > 3 and consts[3].name else np.array([1])
+            if starts.size != 1 or ends.size != 1 or axes.size != 1 or int(axes[0]) not in (0, -1) or steps.size != 1 or steps[0] != 1:
+                return None
+            picked = idx[int(starts[0]):int(np.clip(ends[0], -(2**62), 2**62))]
+            key = "shape_slice"
+        vals = np.asarray([dims[i] for i in np.ravel(picked)], dtype=object)
+        if not all(isinstance(v, int) for v in vals):
+            return None
+        value = np.array(vals.tolist(), dtype=np.int64).reshape(np.shape(picked))
+        replace_with_constant(g, node, node.outputs[0], value)
+        return key
