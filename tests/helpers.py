@@ -69,3 +69,41 @@ def vi(name: str, shape, elem=TensorProto.FLOAT) -> onnx.ValueInfoProto:
 
 def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def apply(model: onnx.ModelProto, *passes) -> tuple[onnx.ModelProto, list]:
+    """Run ``passes`` once each, in order, on a copy of ``model`` through the
+    protobuf boundary; returns the exported model and each pass's result."""
+    from passes import to_graph, to_model
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    graph, env = to_graph(copy)
+    results = [p(graph) for p in passes]
+    return to_model(graph, env), results
+
+
+def init_names(model: onnx.ModelProto) -> list[str]:
+    return sorted(t.name for t in model.graph.initializer)
+
+
+def all_ops(model: onnx.ModelProto) -> list[str]:
+    """Op types of the graph and of every subgraph (depth first)."""
+    out: list[str] = []
+
+    def walk(g: onnx.GraphProto) -> None:
+        for n in g.node:
+            out.append(n.op_type)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sub in a.graphs:
+                        walk(sub)
+
+    walk(model.graph)
+    return out
+
+
+def f32(*shape, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
