@@ -16,7 +16,7 @@ from passes import PassError, PassManager, to_graph, to_model
 from passes.convert import quiet
 
 from .errors import BeatsError, InputError
-from .io import LoadedModel, check_model, load_model
+from .io import LoadedModel, check_model, load_model, serialized_size
 from .report import CompileReport, ModelStats
 from .targets import PipelineOptions, build_passes, get_target
 from .verify import Verification, verify as run_verification
@@ -64,6 +64,12 @@ def _as_loaded(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> tupl
         loaded = load_model(model)
         return loaded.model, loaded
     raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+
+
+def _size_estimate(model: onnx.ModelProto, stats: ModelStats) -> int:
+    """Serialized size; over 2 GB (external data) the weights plus a margin."""
+    size = serialized_size(model)
+    return size if size is not None else stats.weight_bytes
 
 
 def compile(  # noqa: A001 - the product's verb
@@ -153,8 +159,8 @@ def compile(  # noqa: A001 - the product's verb
         initializers_after=after.initializers,
         weight_bytes_before=before.weight_bytes,
         weight_bytes_after=after.weight_bytes,
-        file_size_before=loaded.file_bytes if loaded is not None else original.ByteSize(),
-        file_size_after=result.ByteSize(),
+        file_size_before=loaded.file_bytes if loaded is not None else _size_estimate(original, before),
+        file_size_after=_size_estimate(result, after),
         latency_ms_before=None if ver is None else ver.latency_ms_before,
         latency_ms_after=None if ver is None else ver.latency_ms_after,
         op_histogram_before=before.op_histogram,

@@ -5,9 +5,7 @@ usage, 3 internal error)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -134,27 +132,10 @@ def _print_summary(console, report) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        from .errors import InputError
-
-        raise InputError(f"{path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_compile(args: argparse.Namespace, console) -> int:
     from . import api
     from .errors import InputError
-    from .io import check_output_path, default_output_path, load_model, save_model
+    from .io import atomic_write_bytes, check_output_path, default_output_path, load_model, save_model
     from .verify import load_inputs
 
     out = Path(args.output) if args.output else default_output_path(args.model)
@@ -199,7 +180,7 @@ def run_compile(args: argparse.Namespace, console) -> int:
         report.file_size_after = saved.file_bytes
         exit_code = EXIT_OK
     if report_path is not None:
-        _write_text_atomic(report_path, report.to_json() + "\n")
+        atomic_write_bytes(report_path, (report.to_json() + "\n").encode())
     if not args.quiet:
         _print_summary(console, report)
         if exit_code == EXIT_OK:

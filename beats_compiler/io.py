@@ -89,9 +89,18 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     return LoadedModel(model=model, path=p, file_bytes=total, external_files=list(files))
 
 
+def serialized_size(model: onnx.ModelProto) -> int | None:
+    """Bytes the model serializes to, or None when that is over protobuf's 2 GB."""
+    try:
+        size = model.ByteSize()
+    except Exception:  # protobuf refuses to size a message over 2 GB
+        return None
+    return size if size < PROTOBUF_LIMIT else None
+
+
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if serialized_size(model) is not None:
             onnx.checker.check_model(model)
         elif path is not None:
             onnx.checker.check_model(str(path))
@@ -112,7 +121,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    return serialized_size(model) is None
 
 
 @dataclass
@@ -134,16 +143,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
         raise InputError(f"{out}: exists and is not a regular file")
     if external_data or needs_external_data(model):
         return _save_external(model, out, parent)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString(deterministic=True))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    atomic_write_bytes(out, model.SerializeToString(deterministic=True))
     return SavedModel(out, None, out.stat().st_size)
 
 
@@ -175,6 +175,31 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path) -> SavedMode
         shutil.rmtree(tmpdir, ignore_errors=True)
     total = out.stat().st_size + (data_out.stat().st_size if data_out else 0)
     return SavedModel(out, data_out, total)
+
+
+def _default_mode(fd: int) -> None:
+    """mkstemp makes 0600 files; give the output the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{path}: folder {parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        _default_mode(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
 
 
 def _unlink(p: str | os.PathLike) -> None:

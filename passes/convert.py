@@ -72,6 +72,7 @@ def to_graph(model: onnx.ModelProto) -> tuple[gs.Graph, Envelope]:
     )
     with quiet():
         graph = gs.import_onnx(model)
+    _import_fixups(graph, model.graph)
     init_names = {t.name for t in model.graph.initializer}
     if model.ir_version >= 4:
         by_name = {t.name: t for t in model.graph.initializer}
@@ -93,6 +94,74 @@ def to_graph(model: onnx.ModelProto) -> tuple[gs.Graph, Envelope]:
                             node.inputs[i] = var
             graph.inputs.insert(min(pos, len(graph.inputs)), var)
     return graph, env
+
+
+# gs models a value's type only as a tensor or a sequence of tensors without
+# element shape; it crashes exporting optional, map or opaque types and writes
+# nested sequences wrongly.  Such values keep their declared TypeProto on the
+# Variable, are exported untyped by gs, and get it back in ``export``.
+_TYPE_ATTR = "_beats_type"
+# Attribute kinds gs's importer drops (with a warning we silence), e.g.
+# Optional's ``type``, Constant's ``sparse_value``; gs's exporter writes them
+# back when they are kept as their protobuf values.
+_DROPPED_ATTRS = (
+    onnx.AttributeProto.TYPE_PROTO,
+    onnx.AttributeProto.TYPE_PROTOS,
+    onnx.AttributeProto.SPARSE_TENSOR,
+    onnx.AttributeProto.SPARSE_TENSORS,
+    onnx.AttributeProto.TENSORS,
+)
+
+
+def _import_fixups(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    """Put back what ``gs.import_onnx`` lost from ``proto`` into ``graph``."""
+    declared = {vi.name: vi.type for vi in [*proto.input, *proto.output, *proto.value_info]
+                if vi.type.WhichOneof("value") not in (None, "tensor_type")}
+    local = [*graph.inputs, *graph.outputs, *(t for n in graph.nodes for t in n.outputs)]
+    for t in local:
+        if isinstance(t, gs.Variable) and t.name in declared:
+            setattr(t, _TYPE_ATTR, declared[t.name])
+            t.dtype, t.shape, t.type = None, None, "tensor_type"
+    for node, pnode in zip(graph.nodes, proto.node):
+        for attr in pnode.attribute:
+            if attr.type in _DROPPED_ATTRS and not attr.ref_attr_name and attr.name not in node.attrs:
+                node.attrs[attr.name] = onnx.helper.get_attribute_value(attr)
+        _pair_subgraphs(node, pnode, _import_fixups)
+
+
+def _restore_types(graph: gs.Graph, proto: onnx.GraphProto) -> None:
+    for t, vi in [*zip(graph.inputs, proto.input), *zip(graph.outputs, proto.output)]:
+        if getattr(t, _TYPE_ATTR, None) is not None:
+            vi.type.CopyFrom(getattr(t, _TYPE_ATTR))
+    io = {id(t) for t in [*graph.inputs, *graph.outputs]}
+    for node in graph.nodes:
+        for t in node.outputs:
+            if id(t) not in io and getattr(t, _TYPE_ATTR, None) is not None:
+                vi = proto.value_info.add()
+                vi.name = t.name
+                vi.type.CopyFrom(getattr(t, _TYPE_ATTR))
+    for node, pnode in zip(graph.nodes, proto.node):
+        _pair_subgraphs(node, pnode, _restore_types)
+
+
+def _pair_subgraphs(node: gs.Node, pnode: onnx.NodeProto, fn) -> None:
+    """Call ``fn(gs_subgraph, proto_subgraph)`` for each body of ``node``."""
+    for attr in pnode.attribute:
+        value = node.attrs.get(attr.name)
+        if attr.type == onnx.AttributeProto.GRAPH and isinstance(value, gs.Graph):
+            fn(value, attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS and isinstance(value, (list, tuple)):
+            for sub, g in zip(value, attr.graphs):
+                if isinstance(sub, gs.Graph):
+                    fn(sub, g)
+
+
+def export(graph: gs.Graph, **make_model_kwargs) -> onnx.ModelProto:
+    """gs's export, plus the value types gs cannot represent (see ``_import_fixups``)."""
+    with quiet():
+        model = gs.export_onnx(graph, do_type_check=False, **make_model_kwargs)
+    _restore_types(graph, model.graph)
+    return model
 
 
 def _dedupe_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
@@ -120,8 +189,7 @@ def _dedupe_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
 
 def to_model(graph: gs.Graph, env: Envelope) -> onnx.ModelProto:
     """Export ``graph`` with the model-level data in ``env``."""
-    with quiet():
-        model = gs.export_onnx(graph, do_type_check=False, opset_imports=list(env.opset_import))
+    model = export(graph, opset_imports=list(env.opset_import))
     model.ir_version = env.ir_version
     model.producer_name = env.producer_name
     model.producer_version = env.producer_version

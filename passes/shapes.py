@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .convert import quiet
+from .convert import export
 from .graph import const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
 
 Dim = int | str | None
@@ -17,6 +17,11 @@ Dim = int | str | None
 # Initializers above this many elements are handed to shape inference as
 # typed graph inputs, so probing shapes never copies big weights around.
 _PROBE_CONST_LIMIT = 1024
+# ONNX data propagation spells out one dim per element of every 1-D tensor of
+# known length that reaches a propagating op (getInputData in onnx's
+# shape_inference/implementation.h): a 1-D "bomb" would be allocated in C++.
+# Past this length, inference runs without data propagation.
+_DATA_PROP_MAX_LEN = 1 << 20
 
 
 @dataclass
@@ -95,14 +100,26 @@ def _collect(g: onnx.GraphProto, tm: TypeMap) -> None:
                     _collect(sub, tm)
 
 
+def _has_long_1d(g: onnx.GraphProto) -> bool:
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 1 and dims[0].dim_value > _DATA_PROP_MAX_LEN:
+            return True
+    for node in g.node:
+        for a in node.attribute:
+            subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+            if any(_has_long_1d(sub) for sub in subs):
+                return True
+    return False
+
+
 def infer_types(graph: gs.Graph) -> TypeMap:
     """Run ONNX shape inference (with data propagation) on the graph as it is now.
 
     An inference failure is not fatal: the map is then built from the types
     the graph already declares, and ``error`` says why inference failed.
     """
-    with quiet():
-        model = gs.export_onnx(graph, do_type_check=False)
+    model = export(graph)
     g = model.graph
     big = [t for t in g.initializer if int(np.prod(t.dims, dtype=np.int64)) > _PROBE_CONST_LIMIT]
     if big:
@@ -118,7 +135,9 @@ def infer_types(graph: gs.Graph) -> TypeMap:
         g.initializer.extend(kept)
     tm = TypeMap()
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
+        if not _has_long_1d(inferred.graph):
+            inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # reported through TypeMap.error, counted by callers
         tm.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         inferred = model
