@@ -166,11 +166,24 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path) -> SavedMode
         )
         del copy
         data_tmp = tmpdir / data_name
-        data_out = None
-        if data_tmp.exists():
-            data_out = parent / data_name
-            os.replace(data_tmp, data_out)
-        os.replace(tmpdir / out.name, out)
+        data_out = parent / data_name if data_tmp.exists() else None
+        backup = None
+        try:
+            if data_out is not None:
+                with open(data_tmp, "rb") as f:
+                    _default_mode(f.fileno())
+                if data_out.exists():  # an earlier output's weights, kept until the model is in place
+                    backup = tmpdir / (data_name + ".old")
+                    os.replace(data_out, backup)
+                os.replace(data_tmp, data_out)
+            os.replace(tmpdir / out.name, out)
+        except BaseException:
+            # The earlier model (if any) must still find its own weights.
+            if backup is not None:
+                os.replace(backup, data_out)
+            elif data_out is not None and not data_tmp.exists():
+                _unlink(data_out)
+            raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     total = out.stat().st_size + (data_out.stat().st_size if data_out else 0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
@@ -160,6 +161,35 @@ def export(graph: gs.Graph, **make_model_kwargs) -> onnx.ModelProto:
     """gs's export, plus the value types gs cannot represent (see ``_import_fixups``)."""
     with quiet():
         model = gs.export_onnx(graph, do_type_check=False, **make_model_kwargs)
+    _restore_types(graph, model.graph)
+    return model
+
+
+def export_skeleton(graph: gs.Graph, const_limit: int) -> onnx.ModelProto:
+    """The graph for analysis (shape inference): nodes, declared types and the
+    constants of at most ``const_limit`` elements; larger top-level constants
+    become typed graph inputs, so no weight is copied."""
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
+
+    with quiet():
+        nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
+        inputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs]
+        outputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs]
+        io_names = {t.name for t in [*graph.inputs, *graph.outputs]}
+        inits, value_info = [], []
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Constant):
+                if int(np.prod(t.shape, dtype=np.int64)) <= const_limit:
+                    inits.append(OnnxExporter.export_tensor_proto(t))
+                else:
+                    elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)) if isinstance(t.dtype, (type, np.dtype)) else t.dtype
+                    inputs.append(onnx.helper.make_tensor_value_info(t.name, elem, list(t.shape)))
+            elif t.name not in io_names and (t.dtype is not None or t.shape is not None):
+                value_info.append(OnnxExporter.export_value_info_proto(t, False))
+        g = onnx.helper.make_graph(nodes, graph.name or "graph", inputs, outputs, inits, value_info=value_info)
+        model = onnx.helper.make_model(g, opset_imports=update_import_domains(graph))
+    if graph.ir_version is not None:
+        model.ir_version = graph.ir_version
     _restore_types(graph, model.graph)
     return model
 

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .convert import export
+from .convert import export_skeleton
 from .graph import const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
 
 Dim = int | str | None
@@ -119,20 +119,7 @@ def infer_types(graph: gs.Graph) -> TypeMap:
     An inference failure is not fatal: the map is then built from the types
     the graph already declares, and ``error`` says why inference failed.
     """
-    model = export(graph)
-    g = model.graph
-    big = [t for t in g.initializer if int(np.prod(t.dims, dtype=np.int64)) > _PROBE_CONST_LIMIT]
-    if big:
-        small = [t for t in g.initializer if int(np.prod(t.dims, dtype=np.int64)) <= _PROBE_CONST_LIMIT]
-        for t in big:
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-        kept = []
-        for t in small:
-            c = onnx.TensorProto()
-            c.CopyFrom(t)
-            kept.append(c)
-        del g.initializer[:]
-        g.initializer.extend(kept)
+    model = export_skeleton(graph, _PROBE_CONST_LIMIT)
     tm = TypeMap()
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)

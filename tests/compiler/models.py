@@ -1,0 +1,101 @@
+"""Small models shared by the compiler tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from tests.helpers import f32, make_model, vi
+
+H = helper.make_node
+I64 = lambda *v: np.array(v, dtype=np.int64)  # noqa: E731
+
+
+def rich_model() -> onnx.ModelProto:
+    """Something for every CPU pass to do, with a dynamic batch dim."""
+    rng = np.random.default_rng(0)
+    bias = f32(4, seed=3)
+    then_g = helper.make_graph([H("Relu", ["mm"], ["t_out"])], "then", [], [vi("t_out", ["N", 4])])
+    else_g = helper.make_graph([H("Neg", ["mm"], ["e_out"])], "else", [], [vi("e_out", ["N", 4])])
+    nodes = [
+        H("Identity", ["img"], ["img1"]),
+        H("Conv", ["img1", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        H("BatchNormalization", ["c", "sc", "be", "mu", "va"], ["bn"]),
+        H("Relu", ["bn"], ["r1"]),
+        H("Relu", ["bn"], ["r2"]),
+        H("Add", ["r1", "r2"], ["img_out"]),
+        H("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        H("Constant", [], ["k"], value=numpy_helper.from_array(np.array(0.5, np.float32), "kv")),
+        H("MatMul", ["vec", "wt"], ["m"]),
+        H("Add", ["m", "b"], ["mb"]),
+        H("Mul", ["mb", "k"], ["mm0"]),
+        H("Shape", ["vec"], ["vs"]),
+        H("Gather", ["vs", "last"], ["vk"], axis=0),
+        H("Cast", ["vk"], ["vkf"], to=TensorProto.FLOAT),
+        H("Div", ["mm0", "vkf"], ["mm1"]),
+        H("Add", ["mm1", "b2"], ["mm"]),
+        H("If", ["cond"], ["iff"], then_branch=then_g, else_branch=else_g),
+        H("Shape", ["iff"], ["s"]),
+        H("Reshape", ["iff", "s"], ["rr"]),
+        H("Cast", ["rr"], ["cast"], to=TensorProto.FLOAT),
+        H("Dropout", ["cast"], ["vec_out"]),
+        H("Exp", ["vec"], ["dead"]),
+    ]
+    inits = {
+        "cw": f32(2, 3, 3, 3, seed=1), "cb": f32(2, seed=2),
+        "sc": rng.uniform(0.5, 2, 2).astype(np.float32), "be": f32(2, seed=4), "mu": f32(2, seed=5),
+        "va": rng.uniform(0.5, 2, 2).astype(np.float32),
+        "w": f32(4, 4, seed=6), "b": bias, "b2": bias.copy(), "cond": np.array(True),
+        "last": np.array(-1, np.int64),
+    }
+    return make_model(nodes, [vi("img", [1, 3, 6, 6]), vi("vec", ["N", 4])],
+                      [vi("img_out", [1, 2, 6, 6]), vi("vec_out", ["N", 4])], inits)
+
+
+def bomb_model() -> onnx.ModelProto:
+    """Constants that would fold to terabytes (ConstantOfShape, Expand, Tile,
+    Range), at the top level and inside a Loop body, feeding a cheap result.
+    Never meant to run: compile it with verify=False."""
+    one = numpy_helper.from_array(np.ones(1, np.float32))
+    body = helper.make_graph(
+        [H("ConstantOfShape", ["big2"], ["lb"], value=one), H("ReduceMax", ["lb"], ["lr"], keepdims=0),
+         H("Add", ["v", "lr"], ["v_out"]), H("Identity", ["c_in"], ["c_out"])],
+        "body", [vi("i", [], TensorProto.INT64), vi("c_in", [], TensorProto.BOOL), vi("v", [])],
+        [vi("c_out", [], TensorProto.BOOL), vi("v_out", [])])
+    nodes = [
+        H("ConstantOfShape", ["big2"], ["a"], value=one),
+        H("Expand", ["one"], ["b0"]) if False else H("Expand", ["one", "big2"], ["b"]),
+        H("Tile", ["row", "reps"], ["t"]),
+        H("Range", ["zero", "huge", "step"], ["r"]),
+        H("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+        H("ReduceMax", ["a"], ["ra"], keepdims=0),
+        H("ReduceMax", ["b"], ["rb"], keepdims=0),
+        H("ReduceMax", ["t"], ["rt"], keepdims=0),
+        H("ReduceMax", ["rf"], ["rr"], keepdims=0),
+        H("Sum", ["x", "ra", "rb", "rt", "rr"], ["s"]),
+        H("Loop", ["trips", "", "s"], ["y"], body=body),
+    ]
+    inits = {
+        "big2": I64(1 << 20, 1 << 20), "one": np.ones(1, np.float32), "row": np.ones((1, 1024), np.float32),
+        "reps": I64(1 << 30, 1), "zero": np.array(0, np.int64), "huge": np.array(1 << 40, np.int64),
+        "step": np.array(1, np.int64), "trips": np.array(2, np.int64),
+    }
+    return make_model(nodes, [vi("x", [])], [vi("y", [])], inits)
+
+
+def custom_domain_model() -> onnx.ModelProto:
+    """Metadata, doc strings, a custom-domain op and symbolic dims to keep."""
+    nodes = [
+        H("Identity", ["x"], ["a"], doc_string="node doc"),
+        H("MyOp", ["a"], ["b"], domain="com.example", alpha=0.5, tag="keep"),
+        H("Relu", ["b"], ["y"]),
+    ]
+    g = helper.make_graph(nodes, "g", [vi("x", ["batch", "seq", 8])], [vi("y", ["batch", "seq", 8])],
+                          doc_string="graph doc")
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+                          producer_name="unit-test", producer_version="9.9", doc_string="model doc",
+                          model_version=7, domain="org.test")
+    helper.set_model_props(m, {"author": "tests", "license": "MIT"})
+    onnx.checker.check_model(m)
+    return m
