@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from passes import PassError, PassManager, to_graph, to_model
+from passes import Envelope, PassError, PassManager, to_graph, to_model
 from passes.convert import quiet
 
 from .errors import BeatsError, InputError
@@ -72,6 +72,103 @@ def _size_estimate(model: onnx.ModelProto, stats: ModelStats) -> int:
     return size if size is not None else stats.weight_bytes
 
 
+@dataclass
+class _Edit:
+    """What an edit of the graph reports back to ``transform``."""
+
+    records: list = None  # PassRecords (compile)
+    rounds: int = 0
+    converged: bool = True
+    reparam: dict | None = None
+    reference: onnx.ModelProto | None = None  # verify against this instead of the input
+    warnings: list = None
+
+
+def transform(
+    model: onnx.ModelProto | LoadedModel | str | os.PathLike,
+    command: str,
+    edit: Callable[[gs.Graph, "Envelope"], _Edit],
+    *,
+    target: str = "cpu",
+    verify: bool = True,
+    inputs: Mapping[str, np.ndarray] | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    measure_latency: bool = True,
+    progress: Progress | None = None,
+) -> CompileResult:
+    """Load, edit the graph in place, export, check, verify, report: the
+    skeleton shared by compile, insert, fold and unfold."""
+    t_start = time.perf_counter()
+    say = progress or (lambda _msg: None)
+    profile = get_target(target)
+    say("loading model")
+    original, loaded = _as_loaded(model)
+    before = ModelStats.of(original)
+    graph, env = to_graph(original)
+    done = edit(graph, env)
+    with quiet():
+        if not _is_sorted(graph, set()):
+            graph.toposort()
+    result = to_model(graph, env)
+    try:
+        check_model(result)
+    except InputError as exc:
+        raise InternalError(f"the {command} result fails the ONNX checker: {exc}") from None
+    after = ModelStats.of(result)
+    rtol = profile.rtol if rtol is None else rtol
+    atol = profile.atol if atol is None else atol
+    ver: Verification | None = None
+    if verify:
+        say("verifying on ONNX Runtime")
+        ref_in_memory = done.reference if done.reference is not None else (None if loaded is not None else original)
+        ver = run_verification(
+            ref_in_memory,
+            result,
+            original_path=loaded.path if (loaded is not None and done.reference is None) else None,
+            inputs=inputs,
+            rtol=rtol,
+            atol=atol,
+            measure_latency=measure_latency,
+        )
+    warnings = list(done.warnings or [])
+    if not done.converged:
+        warnings.append(f"passes still changing the graph after {done.rounds} rounds (raise max_rounds)")
+    report = CompileReport(
+        target=profile.name,
+        input=str(loaded.path) if loaded is not None else None,
+        output=None,
+        verified=None if ver is None else ver.verified,
+        max_abs_diff=None if ver is None else ver.max_abs_diff,
+        max_rel_diff=None if ver is None else ver.max_rel_diff,
+        rtol=rtol,
+        atol=atol,
+        nodes_before=before.nodes,
+        nodes_after=after.nodes,
+        initializers_before=before.initializers,
+        initializers_after=after.initializers,
+        weight_bytes_before=before.weight_bytes,
+        weight_bytes_after=after.weight_bytes,
+        file_size_before=loaded.file_bytes if loaded is not None else _size_estimate(original, before),
+        file_size_after=_size_estimate(result, after),
+        latency_ms_before=None if ver is None else ver.latency_ms_before,
+        latency_ms_after=None if ver is None else ver.latency_ms_after,
+        op_histogram_before=before.op_histogram,
+        op_histogram_after=after.op_histogram,
+        passes=[r.to_dict() for r in (done.records or [])],
+        rounds=done.rounds,
+        converged=done.converged,
+        seconds=round(time.perf_counter() - t_start, 4),
+        outputs=[] if ver is None else [o.to_dict() for o in ver.outputs],
+        verify_inputs={} if ver is None else ver.inputs,
+        verify_input_source=None if ver is None else ver.input_source,
+        warnings=warnings,
+        command=command,
+        reparam=done.reparam,
+    )
+    return CompileResult(result, report)
+
+
 def compile(  # noqa: A001 - the product's verb
     model: onnx.ModelProto | LoadedModel | str | os.PathLike,
     target: str = "cpu",
@@ -94,84 +191,31 @@ def compile(  # noqa: A001 - the product's verb
     for a verification mismatch: ``result.report.verified`` is then False.
     Raises ``InputError`` for bad input and ``InternalError`` for a bug.
     """
-    t_start = time.perf_counter()
     say = progress or (lambda _msg: None)
     profile = get_target(target)
-    say("loading model")
-    original, loaded = _as_loaded(model)
-    before = ModelStats.of(original)
     options = PipelineOptions() if fold_size_limit is None else PipelineOptions(fold_size_limit=fold_size_limit)
+    env_box: list = []
     try:
-        passes = build_passes(profile, options)
         manager = PassManager(
-            passes,
+            build_passes(profile, options),
             max_rounds=max_rounds,
             disabled=disable,
-            check=(lambda g: check_model(to_model(g, env))) if check_each_pass else None,
+            check=(lambda g: check_model(to_model(g, env_box[0]))) if check_each_pass else None,
             on_pass=lambda rec: say(f"round {rec.round}: {rec.name}"),
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    graph, env = to_graph(original)
-    say("optimizing")
-    try:
-        run = manager.run(graph)
-    except PassError as exc:
-        if isinstance(exc.cause, BeatsError):
-            raise exc.cause from None
-        raise InternalError(str(exc)) from exc
-    with quiet():
-        if not _is_sorted(graph, set()):
-            graph.toposort()
-    result = to_model(graph, env)
-    try:
-        check_model(result)
-    except InputError as exc:
-        raise InternalError(f"the optimized model fails the ONNX checker: {exc}") from None
-    after = ModelStats.of(result)
-    ver: Verification | None = None
-    if verify:
-        say("verifying on ONNX Runtime")
-        ver = run_verification(
-            None if loaded is not None else original,
-            result,
-            original_path=loaded.path if loaded is not None else None,
-            inputs=inputs,
-            rtol=profile.rtol if rtol is None else rtol,
-            atol=profile.atol if atol is None else atol,
-            measure_latency=measure_latency,
-        )
-    warnings = []
-    if not run.converged:
-        warnings.append(f"passes still changing the graph after {run.rounds} rounds (raise max_rounds)")
-    report = CompileReport(
-        target=profile.name,
-        input=str(loaded.path) if loaded is not None else None,
-        output=None,
-        verified=None if ver is None else ver.verified,
-        max_abs_diff=None if ver is None else ver.max_abs_diff,
-        max_rel_diff=None if ver is None else ver.max_rel_diff,
-        rtol=profile.rtol if rtol is None else rtol,
-        atol=profile.atol if atol is None else atol,
-        nodes_before=before.nodes,
-        nodes_after=after.nodes,
-        initializers_before=before.initializers,
-        initializers_after=after.initializers,
-        weight_bytes_before=before.weight_bytes,
-        weight_bytes_after=after.weight_bytes,
-        file_size_before=loaded.file_bytes if loaded is not None else _size_estimate(original, before),
-        file_size_after=_size_estimate(result, after),
-        latency_ms_before=None if ver is None else ver.latency_ms_before,
-        latency_ms_after=None if ver is None else ver.latency_ms_after,
-        op_histogram_before=before.op_histogram,
-        op_histogram_after=after.op_histogram,
-        passes=[r.to_dict() for r in run.records],
-        rounds=run.rounds,
-        converged=run.converged,
-        seconds=round(time.perf_counter() - t_start, 4),
-        outputs=[] if ver is None else [o.to_dict() for o in ver.outputs],
-        verify_inputs={} if ver is None else ver.inputs,
-        verify_input_source=None if ver is None else ver.input_source,
-        warnings=warnings,
-    )
-    return CompileResult(result, report)
+
+    def optimize(graph: gs.Graph, env) -> _Edit:
+        env_box.append(env)
+        say("optimizing")
+        try:
+            run = manager.run(graph)
+        except PassError as exc:
+            if isinstance(exc.cause, BeatsError):
+                raise exc.cause from None
+            raise InternalError(str(exc)) from exc
+        return _Edit(records=run.records, rounds=run.rounds, converged=run.converged)
+
+    return transform(model, "compile", optimize, target=target, verify=verify, inputs=inputs, rtol=rtol,
+                     atol=atol, measure_latency=measure_latency, progress=progress)

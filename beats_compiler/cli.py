@@ -38,32 +38,73 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _common(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("model", help="input .onnx file (never modified)")
+    p.add_argument("-o", "--output", help=f"output path (default: {default_out} beside the input)")
+    p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here (for CI)")
+    p.add_argument("--inputs", metavar="X.npz", help="verify with these inputs (name -> array) instead of generated ones")
+    p.add_argument("--no-verify", action="store_true", help="skip verification on ONNX Runtime")
+    p.add_argument("--rtol", type=_positive_float, help="relative tolerance of verification")
+    p.add_argument("--atol", type=_positive_float, help="absolute tolerance of verification")
+    p.add_argument("--external-data", action="store_true",
+                   help="write weights to <output>.data (automatic over 2 GB or when the input used external data)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .targets import PASSES, TARGETS
 
     p = _Parser(
         prog="beats-compile",
-        description="Optimize an ONNX model for a target and prove on ONNX Runtime that it computes the same function.",
+        description="Optimize an ONNX model for a target and prove on ONNX Runtime that it computes the same function. "
+                    "Subcommands: `beats-compile insert|fold|unfold MODEL ...` (see `beats-compile insert --help`).",
         epilog="Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error.",
     )
-    p.add_argument("model", help="input .onnx file (never modified)")
-    p.add_argument("-o", "--output", help="output path (default: <stem>.beats.onnx beside the input)")
+    _common(p, "<stem>.beats.onnx")
     p.add_argument("--target", default="cpu", choices=sorted(TARGETS), help="deployment target (default: cpu)")
-    p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here (for CI)")
-    p.add_argument("--inputs", metavar="X.npz", help="verify with these inputs (name -> array) instead of generated ones")
-    p.add_argument("--no-verify", action="store_true", help="skip verification on ONNX Runtime")
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help=f"skip a pass (repeatable): {', '.join(PASSES)}")
-    p.add_argument("--rtol", type=_positive_float, help="relative tolerance of verification (default 1e-3)")
-    p.add_argument("--atol", type=_positive_float, help="absolute tolerance of verification (default 1e-4)")
     p.add_argument("--fold-size-limit", type=_size, metavar="BYTES",
                    help="most bytes one constant fold may add to the model (default 4M); larger folds are skipped")
     p.add_argument("--max-rounds", type=int, default=8, help="cap on pass-manager rounds (default 8)")
     p.add_argument("--check-each-pass", action="store_true", help="run the ONNX checker after every pass that changes the graph")
-    p.add_argument("--external-data", action="store_true",
-                   help="write weights to <output>.data (automatic over 2 GB or when the input used external data)")
-    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
+SUBCOMMANDS = ("insert", "fold", "unfold")
+
+
+def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
+    epilog = "Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error."
+    if cmd == "insert":
+        p = _Parser(prog="beats-compile insert", epilog=epilog,
+                    description="Reparameterize selected weights as W0 + D (.) V (V = 0: the function is unchanged). "
+                                "Also writes trainable.json beside the output.")
+        _common(p, "<stem>.inserted.onnx")
+        p.add_argument("--ops", default=None, metavar="OP,OP",
+                       help="consumer op types whose weights are selected (default MatMul,Gemm,Conv,ConvTranspose)")
+        p.add_argument("--embeddings", action="store_true", help="also select Gather tables (embeddings)")
+        p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only weights whose name matches (repeatable)")
+        p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip weights whose name matches (repeatable)")
+        p.add_argument("--min-size", type=int, default=None, metavar="N", help="only weights of at least N elements (default 1024)")
+        p.add_argument("--factorization", default=None, help="full | vector | rank:R (default full)")
+        p.add_argument("--layout", default=None, choices=("weight", "branch"), help="weight (default) or branch (rank:R only)")
+        p.add_argument("--config", metavar="POLICY.json", help="selection rules as JSON (replaces the selection flags)")
+        p.add_argument("--seed", type=int, default=None, help="seed of the random D (and A) initialization (default 0)")
+        p.add_argument("--d-scale", type=float, default=None, help="D = 1 + d_scale * N(0,1) (default 0.02)")
+    elif cmd == "fold":
+        p = _Parser(prog="beats-compile fold", epilog=epilog,
+                    description="Fold W0 + D (.) V into each reparameterized weight: the original nodes, no inference cost.")
+        _common(p, "<stem>.folded.onnx")
+        p.add_argument("--values", metavar="X.npz", help="trained D/V tensors by name (instead of the model's own)")
+        p.add_argument("--adapter", metavar="A.npz", help="an adapter (D/V plus records): also applies to the base model")
+        p.add_argument("--save-adapter", metavar="A.npz", help="also save the D/V being folded as an adapter file")
+    else:
+        p = _Parser(prog="beats-compile unfold", epilog=epilog,
+                    description="Re-insert an adapter's D/V into a folded model to continue training.")
+        _common(p, "<stem>.unfolded.onnx")
+        p.add_argument("--adapter", metavar="A.npz", required=True, help="the adapter the model was folded with")
     return p
 
 
@@ -86,7 +127,8 @@ def _fmt(v, spec: str = "") -> str:
 def _print_summary(console, report) -> None:
     from rich.table import Table
 
-    t = Table(title=f"beats-compile  target={report.target}", show_lines=False)
+    title = f"beats-compile  target={report.target}" if report.command == "compile" else f"beats-compile {report.command}"
+    t = Table(title=title, show_lines=False)
     t.add_column("", style="bold")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
@@ -99,8 +141,11 @@ def _print_summary(console, report) -> None:
               _fmt(report.latency_ms_after, ".3f") + " ms" if report.latency_ms_after is not None else "-")
     console.print(t)
 
+    _print_reparam(console, report.reparam)
     changed = [(name, row) for name, row in report.pass_totals().items() if row["modified"]]
-    if changed:
+    if report.command != "compile":
+        pass
+    elif changed:
         pt = Table(title="passes that changed the graph")
         pt.add_column("pass")
         pt.add_column("rounds", justify="right")
@@ -132,13 +177,41 @@ def _print_summary(console, report) -> None:
         console.print(f"[yellow]warning:[/] {w}")
 
 
-def run_compile(args: argparse.Namespace, console) -> int:
-    from . import api
+def _print_reparam(console, info: dict | None) -> None:
+    from rich.table import Table
+
+    if not info:
+        return
+    if info.get("inserted"):
+        t = Table(title="reparameterized weights (W0 + D (.) V)")
+        for col in ("weight", "shape", "factorization", "layout", "consumers", "trainable"):
+            t.add_column(col, justify="right" if col == "trainable" else "left")
+        for w in info["inserted"]:
+            fact = f"rank:{w['rank']}" if w["factorization"] == "rank" else w["factorization"]
+            t.add_row(w["weight"], "x".join(map(str, w["shape"])), fact, w["layout"], ",".join(sorted(set(w["consumers"]))),
+                      f"{w['trainable_params']:,}")
+        console.print(t)
+        total, model = info["trainable_params_total"], info["model_params"]
+        console.print(f"trainable parameters: {total:,} of {model:,} ({100.0 * total / max(model, 1):.2f}%)")
+    for w, why in info.get("skipped", {}).items():
+        console.print(f"[yellow]skipped[/] {w}: {why}")
+    if info.get("folded"):
+        console.print(f"folded {len(info['folded'])} weight(s); largest |D (.) V| "
+                      f"{max(f['max_abs_delta'] for f in info['folded']):.3g}")
+    if info.get("unfolded"):
+        console.print(f"re-inserted D/V for {len(info['unfolded'])} weight(s)")
+
+
+def _prepare(args: argparse.Namespace, default_suffix: str):
     from .errors import InputError
-    from .io import atomic_write_bytes, check_output_path, default_output_path, load_model, save_model
+    from .io import check_output_path, default_output_path, load_model
     from .verify import load_inputs
 
-    out = Path(args.output) if args.output else default_output_path(args.model)
+    if args.output:
+        out = Path(args.output)
+    else:
+        out = default_output_path(args.model)
+        out = out.with_name(out.name.replace(".beats.onnx", default_suffix))
     report_path = Path(args.report) if args.report else None
     loaded = load_model(args.model)
     external = args.external_data or loaded.uses_external_data
@@ -148,13 +221,56 @@ def run_compile(args: argparse.Namespace, console) -> int:
         if report_path.resolve() == out.resolve():
             raise InputError(f"{report_path}: the report and the model cannot share a path")
     inputs = load_inputs(args.inputs) if args.inputs else None
+    return loaded, out, report_path, external, inputs
+
+
+class _Status:
+    def __init__(self, console, quiet: bool):
+        self.status = None if quiet else console.status("loading", spinner="dots")
+
+    def __enter__(self):
+        if self.status is not None:
+            self.status.start()
+        return (lambda msg: self.status.update(msg)) if self.status is not None else None
+
+    def __exit__(self, *exc):
+        if self.status is not None:
+            self.status.stop()
+
+
+def _finish(args, console, result, out: Path, report_path: Path | None, external: bool, extra=None) -> int:
+    """Save (only if verified or unverified-by-request), report, summarize."""
+    from .io import atomic_write_bytes, save_model
+
+    report = result.report
+    if report.verified is False:
+        exit_code = EXIT_VERIFY
+    else:
+        saved = save_model(result.model, out, external_data=external)
+        report.output = str(saved.path)
+        report.file_size_after = saved.file_bytes
+        if extra is not None:
+            extra(out)
+        exit_code = EXIT_OK
+    if report_path is not None:
+        atomic_write_bytes(report_path, (report.to_json() + "\n").encode())
+    if not args.quiet:
+        _print_summary(console, report)
+        if exit_code == EXIT_OK:
+            console.print(f"wrote {out}" + (f" (+ {out.name}.data)" if external else ""))
+        else:
+            console.print("[red]nothing written: the result does not match the original[/]")
+    return exit_code
+
+
+def run_compile(args: argparse.Namespace, console) -> int:
+    from . import api
+    from .errors import InputError
+
+    loaded, out, report_path, external, inputs = _prepare(args, ".beats.onnx")
     if args.max_rounds < 1:
         raise InputError("--max-rounds must be at least 1")
-
-    status = console.status("loading", spinner="dots") if not args.quiet else None
-    if status is not None:
-        status.start()
-    try:
+    with _Status(console, args.quiet) as progress:
         result = api.compile(
             loaded,
             args.target,
@@ -166,42 +282,106 @@ def run_compile(args: argparse.Namespace, console) -> int:
             max_rounds=args.max_rounds,
             fold_size_limit=args.fold_size_limit,
             check_each_pass=args.check_each_pass,
-            progress=(lambda msg: status.update(msg)) if status is not None else None,
+            progress=progress,
         )
-    finally:
-        if status is not None:
-            status.stop()
-    report = result.report
-    if report.verified is False:
-        exit_code = EXIT_VERIFY
-    else:
-        saved = save_model(result.model, out, external_data=external)
-        report.output = str(saved.path)
-        report.file_size_after = saved.file_bytes
-        exit_code = EXIT_OK
-    if report_path is not None:
-        atomic_write_bytes(report_path, (report.to_json() + "\n").encode())
-    if not args.quiet:
-        _print_summary(console, report)
-        if exit_code == EXIT_OK:
-            console.print(f"wrote {out}" + (f" (+ {out.name}.data)" if external else ""))
-        else:
-            console.print(f"[red]nothing written: the compiled model does not match the original[/]")
-    return exit_code
+    return _finish(args, console, result, out, report_path, external)
+
+
+def _policy(args: argparse.Namespace):
+    import json as _json
+
+    from passes import reparam as rp
+
+    from .errors import InputError
+
+    try:
+        if args.config:
+            flags = [f for f in ("ops", "factorization", "layout", "min_size") if getattr(args, f) is not None]
+            if flags or args.include or args.exclude or args.embeddings:
+                raise InputError("--config replaces the selection flags; give one or the other")
+            try:
+                data = _json.loads(Path(args.config).read_text())
+            except FileNotFoundError:
+                raise InputError(f"{args.config}: config file not found") from None
+            except (OSError, ValueError) as exc:
+                raise InputError(f"{args.config}: not a JSON policy ({exc})") from None
+            if args.seed is not None:
+                data["seed"] = args.seed
+            if args.d_scale is not None:
+                data["d_scale"] = args.d_scale
+            return rp.Policy.from_dict(data)
+        ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else rp.DEFAULT_OPS
+        if args.embeddings and "Gather" not in ops:
+            ops = ops + ("Gather",)
+        rule = rp.Rule(
+            ops=ops,
+            include=tuple(args.include),
+            exclude=tuple(args.exclude),
+            min_size=1024 if args.min_size is None else args.min_size,
+            factorization=args.factorization or "full",
+            layout=args.layout or "weight",
+        )
+        return rp.Policy((rule,), 0 if args.seed is None else args.seed, 0.02 if args.d_scale is None else args.d_scale)
+    except rp.ReparamError as exc:
+        raise InputError(str(exc)) from None
+
+
+def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
+    import json as _json
+
+    from . import reparam
+    from .io import atomic_write_bytes, check_output_path
+
+    common = dict(verify=not args.no_verify, rtol=args.rtol, atol=args.atol)
+    if cmd == "insert":
+        policy = _policy(args)
+        loaded, out, report_path, external, inputs = _prepare(args, ".inserted.onnx")
+        manifest = out.with_name("trainable.json")
+        check_output_path(loaded, manifest, external_data=False)
+        with _Status(console, args.quiet) as progress:
+            kw = {k: v for k, v in common.items() if v is not None}
+            result = reparam.insert(loaded, policy, inputs=inputs, progress=progress, **kw)
+
+        def write_manifest(_out: Path) -> None:
+            text = _json.dumps(reparam.trainable_manifest(result.model), indent=2) + "\n"
+            atomic_write_bytes(manifest, text.encode())
+            if not args.quiet:
+                console.print(f"wrote {manifest}")
+
+        return _finish(args, console, result, out, report_path, external, write_manifest)
+    if cmd == "fold":
+        loaded, out, report_path, external, inputs = _prepare(args, ".folded.onnx")
+        values = reparam.load_values(args.values) if args.values else None
+        adapter = reparam.Adapter.load(args.adapter) if args.adapter else None
+        if args.save_adapter:
+            check_output_path(loaded, Path(args.save_adapter), external_data=False)
+            own = reparam.Adapter.from_model(loaded.model)
+            if values:
+                own.values.update({k: v for k, v in values.items() if k in own.values})
+        with _Status(console, args.quiet) as progress:
+            result = reparam.fold(loaded, values, adapter=adapter, inputs=inputs, progress=progress, **common)
+        extra = (lambda _out: own.save(args.save_adapter)) if args.save_adapter else None
+        return _finish(args, console, result, out, report_path, external, extra)
+    loaded, out, report_path, external, inputs = _prepare(args, ".unfolded.onnx")
+    adapter = reparam.Adapter.load(args.adapter)
+    with _Status(console, args.quiet) as progress:
+        result = reparam.unfold(loaded, adapter, inputs=inputs, progress=progress, **common)
+    return _finish(args, console, result, out, report_path, external)
 
 
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    parser = build_reparam_parser(cmd) if cmd else build_parser()
+    args = parser.parse_args(argv[1:] if cmd else argv)
     console = Console(stderr=False, highlight=False)
     err = Console(stderr=True, highlight=False)
     from .errors import BeatsError
 
     try:
-        return run_compile(args, console)
+        return run_reparam(cmd, args, console) if cmd else run_compile(args, console)
     except BeatsError as exc:
         kind = "internal error" if exc.exit_code == EXIT_INTERNAL else "error"
         err.print(f"beats-compile: {kind}: {_one_line(str(exc))}", markup=False, soft_wrap=True)

@@ -89,6 +89,8 @@ class CompileReport:
     verify_inputs: dict[str, list[int]] = field(default_factory=dict)
     verify_input_source: str | None = None
     warnings: list[str] = field(default_factory=list)
+    command: str = "compile"
+    reparam: dict | None = None  # insert/fold/unfold: weights, trainable parameter counts
 
     def to_dict(self) -> dict:
         return asdict(self)

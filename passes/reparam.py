@@ -1,0 +1,639 @@
+"""The Beats reparameterization: ``W = W0 + D (.) V``, inserted and folded.
+
+One explicit transformation, two directions:
+
+- ``insert`` keeps each selected weight ``W`` as the frozen ``W0`` (same name),
+  adds trainable ``D`` and ``V`` (or ``V = A @ B``), and feeds the weight's
+  consumers ``W0 + D (.) V`` (layout ``weight``) or adds a low-rank side path on
+  the activations (layout ``branch``).  ``V`` (or ``B``) starts at zero, so the
+  model's function is unchanged.
+- ``fold`` computes ``W0 + D (.) V`` once, stores it under ``W0``'s name and
+  removes every inserted node and tensor: the graph has the original nodes.
+
+Everything fold needs is in a ``Record`` per weight, kept by the driver in the
+model's ``metadata_props`` (key ``RECORD_KEY``).
+
+Factorizations (``out`` = the weight's output-channel axis ``axis``, ``in`` =
+the product of the other dims, in order):
+
+- ``full``:   D, V shaped like W;            delta = D * V
+- ``vector``: D of shape [out], V like W;    delta = D (broadcast on axis) * V
+- ``rank:R``: D [out], A [in, R], B [R, out]; delta = moveaxis((A @ B) * D, -1, axis)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import NameScope, const_value, is_const, is_standard, producer, replace_uses
+
+RECORD_KEY = "beats.reparam"
+FORMAT_VERSION = 1
+
+# op -> (weight input slot, output-channel axis of the tensor in that slot)
+WEIGHT_SLOTS = {
+    "MatMul": (1, -1),
+    "Gemm": (1, None),  # depends on transB
+    "Conv": (1, 0),
+    "ConvTranspose": (1, 1),
+    "Gather": (0, -1),
+}
+DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+_FLOAT_TYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
+# What exporters put between a weight and its consumer.
+_CHAIN_OPS = ("Identity", "Cast", "Transpose", "Reshape")
+
+
+class ReparamError(ValueError):
+    """A request that cannot be carried out (the driver reports it as bad input)."""
+
+
+# --------------------------------------------------------------------------- policy
+
+
+def parse_factorization(text: str) -> tuple[str, int]:
+    if text in ("full", "vector"):
+        return text, 0
+    if text.startswith("rank:"):
+        try:
+            r = int(text[5:])
+        except ValueError:
+            r = 0
+        if r >= 1:
+            return "rank", r
+    raise ReparamError(f"unknown factorization {text!r}: use full, vector or rank:R (R >= 1)")
+
+
+@dataclass(frozen=True)
+class Rule:
+    ops: tuple[str, ...] = DEFAULT_OPS
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    min_size: int = 1024
+    factorization: str = "full"  # full | vector | rank:R
+    layout: str = "weight"  # weight | branch
+
+    def __post_init__(self):
+        parse_factorization(self.factorization)
+        if self.layout not in ("weight", "branch"):
+            raise ReparamError(f"unknown layout {self.layout!r}: use weight or branch")
+        if self.layout == "branch" and not self.factorization.startswith("rank:"):
+            raise ReparamError("the branch layout needs a low-rank factorization (rank:R)")
+        unknown = [op for op in self.ops if op not in WEIGHT_SLOTS]
+        if unknown:
+            raise ReparamError(f"cannot select weights of {', '.join(unknown)}; known: {', '.join(WEIGHT_SLOTS)}")
+        if self.min_size < 0:
+            raise ReparamError("min_size must be >= 0")
+
+    def matches(self, op: str, name: str, size: int) -> bool:
+        if op not in self.ops or size < self.min_size:
+            return False
+        if self.include and not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)
+
+
+@dataclass(frozen=True)
+class Policy:
+    rules: tuple[Rule, ...] = (Rule(),)
+    seed: int = 0
+    d_scale: float = 0.02  # D = 1 + d_scale * N(0, 1)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Policy":
+        if not isinstance(data, dict):
+            raise ReparamError("a policy config must be a JSON object")
+        unknown = set(data) - {"rules", "seed", "d_scale"}
+        if unknown:
+            raise ReparamError(f"unknown config keys: {', '.join(sorted(unknown))}")
+        rules = []
+        for i, r in enumerate(data.get("rules", [{}])):
+            if not isinstance(r, dict):
+                raise ReparamError(f"rule {i} must be an object")
+            bad = set(r) - {"ops", "include", "exclude", "min_size", "factorization", "layout"}
+            if bad:
+                raise ReparamError(f"rule {i}: unknown keys {', '.join(sorted(bad))}")
+            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}
+            rules.append(Rule(**kw))
+        return cls(tuple(rules), int(data.get("seed", 0)), float(data.get("d_scale", 0.02)))
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Record:
+    """Everything needed to fold (or unfold) one reparameterized weight."""
+
+    weight: str
+    shape: list[int]
+    dtype: str
+    factorization: str  # full | vector | rank
+    rank: int
+    layout: str
+    axis: int
+    D: str
+    V: str | None = None
+    A: str | None = None
+    B: str | None = None
+    effective: str | None = None  # weight layout: the tensor consumers read
+    nodes: list[str] = field(default_factory=list)  # inserted node names
+    renamed: dict[str, str] = field(default_factory=dict)  # branch: base output -> original output
+    helpers: list[str] = field(default_factory=list)  # inserted frozen constants (shapes)
+
+    @property
+    def trainable(self) -> list[str]:
+        return [n for n in (self.D, self.V, self.A, self.B) if n]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Record":
+        return cls(**d)
+
+
+def dump_records(records: list[Record]) -> str:
+    return json.dumps({"version": FORMAT_VERSION, "weights": [r.to_dict() for r in records]}, sort_keys=True)
+
+
+def load_records(text: str | None) -> list[Record]:
+    if not text:
+        return []
+    try:
+        data = json.loads(text)
+        if data.get("version") != FORMAT_VERSION:
+            raise ReparamError(f"reparameterization record version {data.get('version')} is not supported")
+        return [Record.from_dict(w) for w in data["weights"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, ReparamError):
+            raise
+        raise ReparamError(f"the model's {RECORD_KEY} record is unreadable ({exc})") from None
+
+
+# --------------------------------------------------------------------------- math
+
+
+def shapes_for(record_or_shape, axis: int, factorization: str, rank: int) -> dict[str, tuple[int, ...]]:
+    shape = tuple(record_or_shape)
+    out = shape[axis]
+    inn = math.prod(shape) // out if out else 0
+    if factorization == "full":
+        return {"D": shape, "V": shape}
+    if factorization == "vector":
+        return {"D": (out,), "V": shape}
+    return {"D": (out,), "A": (inn, rank), "B": (rank, out)}
+
+
+def delta(rec: Record, values: dict[str, np.ndarray]) -> np.ndarray:
+    """``D (.) V`` in the weight's own layout, in float64."""
+    shape = tuple(rec.shape)
+    d = values[rec.D].astype(np.float64)
+    if rec.factorization == "full":
+        return d * values[rec.V].astype(np.float64)
+    bshape = [1] * len(shape)
+    bshape[rec.axis] = shape[rec.axis]
+    if rec.factorization == "vector":
+        return d.reshape(bshape) * values[rec.V].astype(np.float64)
+    mat = values[rec.A].astype(np.float64) @ values[rec.B].astype(np.float64)  # [in, out]
+    mat = mat * d  # D on the output axis
+    rest = [s for i, s in enumerate(shape) if i != rec.axis]
+    return np.moveaxis(mat.reshape(rest + [shape[rec.axis]]), -1, rec.axis)
+
+
+def fold_value(w0: np.ndarray, dlt: np.ndarray) -> np.ndarray:
+    """``W0 + delta`` computed in float64, cast back to W0's dtype; where the
+    delta is exactly zero W0's bits are kept (so -0.0 stays -0.0)."""
+    summed = (w0.astype(np.float64) + dlt).astype(w0.dtype)
+    return np.where(dlt == 0, w0, summed)
+
+
+def unfold_value(w: np.ndarray, dlt: np.ndarray) -> np.ndarray:
+    return np.where(dlt == 0, w, (w.astype(np.float64) - dlt).astype(w.dtype))
+
+
+# --------------------------------------------------------------------------- sites
+
+
+@dataclass
+class Use:
+    consumer: gs.Node
+    slot: int
+    chain: list[gs.Node]  # from the weight towards the consumer
+    axis: int | None  # output-channel axis in the weight's layout (None: unknown)
+
+
+def _consumer_axis(node: gs.Node, rank: int) -> int | None:
+    slot, axis = WEIGHT_SLOTS[node.op]
+    if node.op == "Gemm":
+        axis = 0 if node.attrs.get("transB", 0) else 1
+    if axis is None or rank == 0:
+        return None
+    return axis % rank
+
+
+def _trace(t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
+    """Follow ``t`` back through chain ops to a constant weight."""
+    chain: list[gs.Node] = []
+    while not is_const(t):
+        p = producer(t)
+        if p is None or p.op not in _CHAIN_OPS or not is_standard(p) or not p.inputs or len(p.outputs) != 1:
+            return None, []
+        if p.op == "Reshape" and (len(p.inputs) < 2 or not is_const(p.inputs[1])):
+            return None, []
+        chain.insert(0, p)
+        t = p.inputs[0]
+    return t, chain
+
+
+def _axis_through_chain(chain: list[gs.Node], axis: int | None, w_rank: int) -> int | None:
+    """Map an axis of the consumer's input back to the weight's layout."""
+    for node in reversed(chain):
+        if axis is None:
+            return None
+        if node.op == "Transpose":
+            perm = node.attrs.get("perm")
+            if perm is None:
+                perm = list(range(w_rank))[::-1]
+            axis = int(perm[axis])
+        elif node.op == "Reshape":
+            return None
+    return axis if axis is None else axis % max(w_rank, 1)
+
+
+def find_weights(graph: gs.Graph, ops: set[str]) -> dict[int, tuple[gs.Constant, list[Use]]]:
+    """Weight constants read (directly or through a chain) at a weight slot."""
+    found: dict[int, tuple[gs.Constant, list[Use]]] = {}
+    for node in graph.nodes:
+        if node.op not in ops or not is_standard(node):
+            continue
+        slot, _ = WEIGHT_SLOTS[node.op]
+        if len(node.inputs) <= slot:
+            continue
+        w, chain = _trace(node.inputs[slot])
+        if w is None:
+            continue
+        rank = len(w.shape)
+        for n in chain:
+            if n.op == "Reshape":
+                rank = int(const_value(n.inputs[1]).size)
+        axis = _axis_through_chain(chain, _consumer_axis(node, rank), len(w.shape))
+        entry = found.setdefault(id(w), (w, []))
+        entry[1].append(Use(node, slot, chain, axis))
+    return found
+
+
+# --------------------------------------------------------------------------- insert
+
+
+@dataclass
+class InsertStats:
+    inserted: list[dict] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # weight -> reason
+    already: list[str] = field(default_factory=list)
+
+    @property
+    def trainable_params(self) -> int:
+        return sum(w["trainable_params"] for w in self.inserted)
+
+
+def _np_dtype_name(dt: np.dtype) -> str:
+    return np.dtype(dt).name
+
+
+def insert(graph: gs.Graph, policy: Policy, records: list[Record],
+           values: dict[str, np.ndarray] | None = None,
+           only: dict[str, Record] | None = None) -> tuple[list[Record], InsertStats]:
+    """Insert D/V for every weight the policy selects (or, with ``only``, for
+    exactly those records, with initial ``values``: unfold).  Returns all
+    records (old and new) and what happened."""
+    stats = InsertStats()
+    done = {r.weight for r in records}
+    taken = set(done)
+    for r in records:
+        taken.update(r.trainable)
+        taken.update(r.helpers)
+        if r.effective:
+            taken.add(r.effective)
+    ops = {op for rule in policy.rules for op in rule.ops} if only is None else set(WEIGHT_SLOTS)
+    sites = find_weights(graph, ops)
+    names = NameScope(graph)
+    rng = np.random.default_rng(policy.seed)
+    new_records = list(records)
+    for w, uses in sites.values():
+        if w.name in done:
+            if w.name not in stats.already:
+                stats.already.append(w.name)
+            continue
+        if w.name in taken:
+            continue
+        size = int(np.prod(w.shape, dtype=np.int64))
+        if only is not None:
+            if w.name not in only:
+                continue
+            rec0 = only[w.name]
+            rule = Rule(ops=tuple(WEIGHT_SLOTS), min_size=0,
+                        factorization=rec0.factorization if rec0.factorization != "rank" else f"rank:{rec0.rank}",
+                        layout=rec0.layout)
+        else:
+            rule = next((r for r in policy.rules if r.matches(uses[0].consumer.op, w.name, size)), None)
+            if rule is None:
+                continue
+        reason = _why_not(w, uses, rule)
+        if reason:
+            stats.skipped[w.name] = reason
+            continue
+        rec = _insert_one(graph, w, uses, rule, names, rng, policy.d_scale, values, only.get(w.name) if only else None)
+        new_records.append(rec)
+        done.add(w.name)
+        trainable = sum(int(np.prod(shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)[k])) for k in
+                        ("D", "V", "A", "B") if getattr(rec, k))
+        stats.inserted.append({
+            "weight": rec.weight, "shape": rec.shape, "factorization": rec.factorization, "rank": rec.rank,
+            "layout": rec.layout, "consumers": [u.consumer.op for u in uses], "weight_params": size,
+            "trainable_params": trainable,
+        })
+    return new_records, stats
+
+
+def _why_not(w: gs.Constant, uses: list[Use], rule: Rule) -> str | None:
+    try:
+        dt = np.dtype(w.dtype)
+    except TypeError:
+        return f"weight dtype {w.dtype} is not supported"
+    if dt not in _FLOAT_TYPES:
+        return f"weight dtype {dt} is not a float type"
+    fact, rank = parse_factorization(rule.factorization)
+    shape = tuple(w.shape)
+    if fact != "full":
+        axes = {u.axis for u in uses}
+        if None in axes:
+            return "output axis unknown through the ops between the weight and its consumer (use factorization full)"
+        if len(axes) != 1:
+            return "consumers disagree on the output axis (use factorization full)"
+        axis = axes.pop()
+        out = shape[axis]
+        inn = math.prod(shape) // max(out, 1)
+        if fact == "rank" and rank > min(inn, out):
+            raise ReparamError(
+                f"rank {rank} is larger than weight {w.name!r} of shape {list(shape)} allows (at most {min(inn, out)})")
+    if rule.layout == "branch":
+        readers = {id(u.chain[0] if u.chain else u.consumer) for u in uses}
+        others = [n.op for n in w.outputs if id(n) not in readers]
+        if others:
+            return f"branch layout: the weight is also read by {', '.join(sorted(set(others)))} (use layout weight)"
+        for u in uses:
+            c = u.consumer
+            if c.op not in ("MatMul", "Gemm") or len(shape) != 2:
+                return f"branch layout supports 2-D MatMul/Gemm weights, not {c.op}"
+            if c.op == "Gemm" and (c.attrs.get("transA", 0) or float(c.attrs.get("alpha", 1.0)) != 1.0):
+                return "branch layout needs Gemm with transA=0 and alpha=1"
+            if any(n.op not in ("Identity", "Transpose") for n in u.chain):
+                return "branch layout cannot follow a Cast or Reshape between weight and consumer"
+            if dt != np.float32:
+                return "branch layout supports float32 weights (use layout weight)"
+    return None
+
+
+def _init_values(rec: Record, rng: np.random.Generator, d_scale: float) -> dict[str, np.ndarray]:
+    shp = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
+    vals = {rec.D: (1.0 + d_scale * rng.standard_normal(shp["D"])).astype(np.float32)}
+    if rec.V:
+        vals[rec.V] = np.zeros(shp["V"], np.float32)
+    if rec.A:
+        inn = shp["A"][0]
+        vals[rec.A] = (rng.standard_normal(shp["A"]) / math.sqrt(max(inn, 1))).astype(np.float32)
+        vals[rec.B] = np.zeros(shp["B"], np.float32)
+    return vals
+
+
+def _insert_one(graph, w: gs.Constant, uses: list[Use], rule: Rule, names: NameScope, rng, d_scale,
+                values, given: Record | None) -> Record:
+    fact, rank = parse_factorization(rule.factorization)
+    shape = [int(s) for s in w.shape]
+    axis = uses[0].axis if fact != "full" else (uses[0].axis if uses[0].axis is not None else 0)
+    base = w.name
+    if given is not None:
+        rec = Record(weight=base, shape=shape, dtype=_np_dtype_name(w.dtype), factorization=given.factorization,
+                     rank=given.rank, layout=given.layout, axis=given.axis, D=given.D, V=given.V, A=given.A,
+                     B=given.B)
+        for n in rec.trainable:
+            names.used.add(n)
+    else:
+        rec = Record(weight=base, shape=shape, dtype=_np_dtype_name(w.dtype), factorization=fact, rank=rank,
+                     layout=rule.layout, axis=int(axis), D=names.fresh(f"{base}.beats_D"))
+        if fact == "rank":
+            rec.A = names.fresh(f"{base}.beats_A")
+            rec.B = names.fresh(f"{base}.beats_B")
+        else:
+            rec.V = names.fresh(f"{base}.beats_V")
+    init = dict(values or {}) if given is not None else _init_values(rec, rng, d_scale)
+    want = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
+    consts = {}
+    for key in ("D", "V", "A", "B"):
+        name = getattr(rec, key)
+        if not name:
+            continue
+        if name not in init:
+            raise ReparamError(f"no value for {name!r}")
+        arr = np.asarray(init[name], dtype=np.float32)
+        if tuple(arr.shape) != tuple(want[key]):
+            raise ReparamError(f"{name!r} has shape {list(arr.shape)}, expected {list(want[key])}")
+        consts[key] = gs.Constant(name, np.ascontiguousarray(arr))
+    if rec.layout == "branch":
+        _build_branch(graph, rec, uses, consts, names)
+    else:
+        _build_weight(graph, rec, w, uses, consts, names)
+    return rec
+
+
+def _node(graph, rec: Record, names: NameScope, op: str, inputs, out_name: str, dtype=np.float32, **attrs):
+    out = gs.Variable(names.fresh(out_name), dtype=dtype)
+    n = gs.Node(op, name=names.fresh(f"{rec.weight}.beats_{op}"), inputs=list(inputs), outputs=[out], attrs=attrs)
+    rec.nodes.append(n.name)
+    return n, out
+
+
+def _helper_const(rec: Record, names: NameScope, base: str, value) -> gs.Constant:
+    c = gs.Constant(names.fresh(f"{rec.weight}.beats_{base}"), np.asarray(value, dtype=np.int64))
+    rec.helpers.append(c.name)
+    return c
+
+
+def _index_of(graph: gs.Graph, node: gs.Node) -> int:
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
+
+
+def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, names: NameScope) -> None:
+    new: list[gs.Node] = []
+
+    def add(op, inputs, out, **attrs):
+        n, t = _node(graph, rec, names, op, inputs, out, **attrs)
+        new.append(n)
+        return t
+
+    shape = rec.shape
+    bshape = [1] * len(shape)
+    bshape[rec.axis] = shape[rec.axis]
+    if rec.factorization == "full":
+        dv = add("Mul", [c["D"], c["V"]], f"{rec.weight}.beats_DV")
+    elif rec.factorization == "vector":
+        d = add("Reshape", [c["D"], _helper_const(rec, names, "Dshape", bshape)], f"{rec.weight}.beats_Db")
+        dv = add("Mul", [d, c["V"]], f"{rec.weight}.beats_DV")
+    else:
+        ab = add("MatMul", [c["A"], c["B"]], f"{rec.weight}.beats_AB")
+        dv = add("Mul", [ab, c["D"]], f"{rec.weight}.beats_ABD")
+        rest = [s for i, s in enumerate(shape) if i != rec.axis]
+        if len(shape) != 2 or rec.axis != 1:
+            dv = add("Reshape", [dv, _helper_const(rec, names, "Vshape", rest + [shape[rec.axis]])], f"{rec.weight}.beats_DVr")
+            if rec.axis != len(shape) - 1:
+                perm = list(range(len(shape) - 1))
+                perm.insert(rec.axis, len(shape) - 1)
+                dv = add("Transpose", [dv], f"{rec.weight}.beats_DVt", perm=perm)
+    wdt = np.dtype(rec.dtype)
+    if wdt == np.float32:
+        eff = add("Add", [w, dv], f"{rec.weight}.beats_W")
+    else:
+        onnx_dt = onnx.helper.np_dtype_to_tensor_dtype(wdt)
+        w32 = add("Cast", [w], f"{rec.weight}.beats_W0f", to=onnx.TensorProto.FLOAT)
+        s = add("Add", [w32, dv], f"{rec.weight}.beats_Wf")
+        eff = add("Cast", [s], f"{rec.weight}.beats_W", to=onnx_dt)
+        eff.dtype = wdt
+    rec.effective = eff.name
+    first = min(_index_of(graph, n) for n in w.outputs if any(n is m for m in graph.nodes))
+    mine = {id(n) for n in new}
+    for reader in list(w.outputs):
+        if id(reader) in mine:
+            continue
+        for i, t in enumerate(reader.inputs):
+            if t is w:
+                reader.inputs[i] = eff
+    graph.nodes[first:first] = new
+
+
+def _build_branch(graph, rec: Record, uses: list[Use], c: dict, names: NameScope) -> None:
+    for u in uses:
+        node = u.consumer
+        x = node.inputs[0]
+        y = node.outputs[0]
+        new: list[gs.Node] = []
+
+        def add(op, inputs, out, **attrs):
+            n, t = _node(graph, rec, names, op, inputs, out, **attrs)
+            new.append(n)
+            return t
+
+        xa = add("MatMul", [x, c["A"]], f"{y.name}.beats_xA")
+        xab = add("MatMul", [xa, c["B"]], f"{y.name}.beats_xAB")
+        side = add("Mul", [xab, c["D"]], f"{y.name}.beats_side")
+        base = gs.Variable(names.fresh(f"{y.name}.beats_base"), dtype=y.dtype, shape=y.shape)
+        node.outputs[0] = base
+        add_node = gs.Node("Add", name=names.fresh(f"{rec.weight}.beats_Add"), inputs=[base, side], outputs=[y])
+        rec.nodes.append(add_node.name)
+        new.append(add_node)
+        rec.renamed[base.name] = y.name
+        at = _index_of(graph, node) + 1
+        graph.nodes[at:at] = new
+
+
+# --------------------------------------------------------------------------- fold
+
+
+def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] | None = None) -> list[dict]:
+    """Fold every record: ``W0 + D (.) V`` under W0's name, inserted nodes and
+    tensors removed.  ``values`` overrides the D/V tensors stored in the graph
+    (trained values from a file).  Returns one entry per folded weight."""
+    tensors = graph.tensors()
+    folded = []
+    for rec in records:
+        vals = {}
+        for name in rec.trainable:
+            if values is not None and name in values:
+                vals[name] = np.asarray(values[name])
+            else:
+                t = tensors.get(name)
+                if not is_const(t):
+                    raise ReparamError(f"trained tensor {name!r} of weight {rec.weight!r} is neither in the model nor in the values")
+                vals[name] = const_value(t)
+        want = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
+        for key in ("D", "V", "A", "B"):
+            name = getattr(rec, key)
+            if name and tuple(vals[name].shape) != tuple(want[key]):
+                raise ReparamError(f"{name!r} has shape {list(vals[name].shape)}, expected {list(want[key])}")
+        w = tensors.get(rec.weight)
+        if not is_const(w):
+            raise ReparamError(f"weight {rec.weight!r} is not an initializer of the model")
+        w0 = const_value(w)
+        dlt = delta(rec, vals)
+        new_w = gs.Constant(rec.weight, np.ascontiguousarray(fold_value(w0, dlt)))
+        _remove_inserted(graph, rec, w, new_w)
+        folded.append({"weight": rec.weight, "max_abs_delta": float(np.max(np.abs(dlt))) if dlt.size else 0.0})
+    return folded
+
+
+def _remove_inserted(graph: gs.Graph, rec: Record, w_old: gs.Constant, w_new: gs.Constant) -> None:
+    ids = set(rec.nodes)
+    inserted = [n for n in graph.nodes if n.name in ids]
+    if not inserted:  # a base model and an adapter: only the weight changes
+        replace_uses(w_old, w_new)
+        return
+    if len(inserted) != len(ids):
+        missing = ids - {n.name for n in inserted}
+        raise ReparamError(f"weight {rec.weight!r}: inserted nodes {', '.join(sorted(missing))} are missing from the model")
+    tensors = graph.tensors()
+    if rec.layout == "weight":
+        eff = tensors.get(rec.effective)
+        if eff is None:
+            raise ReparamError(f"weight {rec.weight!r}: effective tensor {rec.effective!r} is missing")
+        replace_uses(eff, w_new)
+    for base_name, orig_name in rec.renamed.items():
+        base, orig = tensors.get(base_name), tensors.get(orig_name)
+        if base is None or orig is None:
+            raise ReparamError(f"weight {rec.weight!r}: branch output {orig_name!r} is missing")
+        prod = producer(base)
+        for n in inserted:
+            n.inputs.clear()
+            n.outputs.clear()
+        idx = [i for i, t in enumerate(prod.outputs) if t is base][0]
+        prod.outputs[idx] = orig
+    for n in inserted:
+        n.inputs.clear()
+        n.outputs.clear()
+    replace_uses(w_old, w_new)
+    graph.nodes = [n for n in graph.nodes if n.name not in ids]
+
+
+def unfold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray]) -> list[Record]:
+    """Re-insert D/V with ``values`` into a folded model: each weight becomes
+    ``W0 = W - D (.) V`` again, so ``W0 + D (.) V`` is the folded weight."""
+    tensors = graph.tensors()
+    for rec in records:
+        w = tensors.get(rec.weight)
+        if not is_const(w):
+            raise ReparamError(f"weight {rec.weight!r} is not an initializer of the model")
+        missing = [n for n in rec.trainable if n not in values]
+        if missing:
+            raise ReparamError(f"no value for {', '.join(missing)}")
+        w0 = gs.Constant(rec.weight, np.ascontiguousarray(unfold_value(const_value(w), delta(rec, values))))
+        replace_uses(w, w0)
+    return reinsert(graph, records, values)
+
+
+def reinsert(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray]) -> list[Record]:
+    """Insert D/V with the given ``values`` and the records' names and shapes,
+    keeping each weight as it is (it becomes W0)."""
+    fresh = [Record(weight=r.weight, shape=r.shape, dtype=r.dtype, factorization=r.factorization, rank=r.rank,
+                    layout=r.layout, axis=r.axis, D=r.D, V=r.V, A=r.A, B=r.B) for r in records]
+    out, stats = insert(graph, Policy(), [], values=values, only={r.weight: r for r in fresh})
+    missing = {r.weight for r in records} - {r.weight for r in out}
+    if missing:
+        raise ReparamError(f"cannot re-insert {', '.join(sorted(missing))}: "
+                           + "; ".join(f"{k}: {v}" for k, v in stats.skipped.items() if k in missing))
+    return out
