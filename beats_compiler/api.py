@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from passes import Envelope, PassError, PassManager, to_graph, to_model
-from passes.convert import quiet
+from passes.convert import quiet, uses_external_refs
 
 from .errors import BeatsError, InputError
 from .io import LoadedModel, check_model, load_model, serialized_size
@@ -34,6 +34,15 @@ class InternalError(BeatsError):
 class CompileResult:
     model: onnx.ModelProto
     report: CompileReport
+    # Set when ``model`` still references external data files (inputs that
+    # used external data are read lazily): those references resolve here.
+    base_dir: Path | None = None
+
+    def save(self, path: str | os.PathLike, *, external_data: bool = False):
+        """Write the model atomically (external data streamed from ``base_dir``)."""
+        from .io import save_model
+
+        return save_model(self.model, path, external_data=external_data, base_dir=self.base_dir)
 
     @property
     def ok(self) -> bool:
@@ -61,7 +70,7 @@ def _as_loaded(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> tupl
         check_model(model)
         return model, None
     if isinstance(model, (str, os.PathLike)):
-        loaded = load_model(model)
+        loaded = load_model(model)  # eager: the result is self-contained
         return loaded.model, loaded
     raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
 
@@ -105,7 +114,11 @@ def transform(
     say("loading model")
     original, loaded = _as_loaded(model)
     before = ModelStats.of(original)
-    graph, env = to_graph(original)
+    base_dir = loaded.base_dir if loaded is not None else None
+    try:
+        graph, env = to_graph(original, base_dir)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     done = edit(graph, env)
     with quiet():
         if not _is_sorted(graph, set()):
@@ -130,6 +143,7 @@ def transform(
             rtol=rtol,
             atol=atol,
             measure_latency=measure_latency,
+            base_dir=base_dir,
         )
     warnings = list(done.warnings or [])
     if not done.converged:
@@ -166,7 +180,7 @@ def transform(
         command=command,
         reparam=done.reparam,
     )
-    return CompileResult(result, report)
+    return CompileResult(result, report, base_dir if uses_external_refs(result) else None)
 
 
 def compile(  # noqa: A001 - the product's verb

@@ -213,7 +213,7 @@ def _prepare(args: argparse.Namespace, default_suffix: str):
         out = default_output_path(args.model)
         out = out.with_name(out.name.replace(".beats.onnx", default_suffix))
     report_path = Path(args.report) if args.report else None
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, lazy=True)
     external = args.external_data or loaded.uses_external_data
     check_output_path(loaded, out, external_data=external)
     if report_path is not None:
@@ -246,7 +246,7 @@ def _finish(args, console, result, out: Path, report_path: Path | None, external
     if report.verified is False:
         exit_code = EXIT_VERIFY
     else:
-        saved = save_model(result.model, out, external_data=external)
+        saved = save_model(result.model, out, external_data=external, base_dir=result.base_dir)
         report.output = str(saved.path)
         report.file_size_after = saved.file_bytes
         if extra is not None:
@@ -355,7 +355,7 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
         adapter = reparam.Adapter.load(args.adapter) if args.adapter else None
         if args.save_adapter:
             check_output_path(loaded, Path(args.save_adapter), external_data=False)
-            own = reparam.Adapter.from_model(loaded.model)
+            own = reparam.Adapter.from_model(loaded.model, loaded.base_dir)
             if values:
                 own.values.update({k: v for k, v in values.items() if k in own.values})
         with _Status(console, args.quiet) as progress:

@@ -9,7 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-from onnx import external_data_helper
+import numpy as np
+from onnx import external_data_helper, numpy_helper
+
+from passes.convert import uses_external_refs
 
 from .errors import InputError
 
@@ -27,6 +30,11 @@ class LoadedModel:
     @property
     def uses_external_data(self) -> bool:
         return bool(self.external_files)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder the model's external data references resolve in."""
+        return self.path.parent
 
 
 def default_output_path(path: str | os.PathLike) -> Path:
@@ -59,8 +67,10 @@ def _resolve_external(base: Path, tensor: onnx.TensorProto) -> Path:
     return target
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
-    """Read a model file (and its external data) or raise ``InputError``."""
+def load_model(path: str | os.PathLike, *, lazy: bool = False) -> LoadedModel:
+    """Read a model file or raise ``InputError``.  External data is checked
+    (inside the model's folder, in range) and, with ``lazy``, left on disk:
+    the model keeps references, read one tensor at a time when needed."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -79,7 +89,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     files: dict[Path, None] = {}
     for t in _external_tensors(model):
         files[_resolve_external(base, t)] = None
-    if files:
+    if files and not lazy:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:
@@ -98,12 +108,30 @@ def serialized_size(model: onnx.ModelProto) -> int | None:
     return size if size < PROTOBUF_LIMIT else None
 
 
+def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the in-memory checker can read: each top-level initializer kept
+    as external data becomes an empty placeholder (the checker would look for
+    its file relative to the working directory)."""
+    shell = onnx.ModelProto()
+    shell.CopyFrom(_model_shell(model))
+    for t in model.graph.initializer:
+        c = shell.graph.initializer.add()
+        if external_data_helper.uses_external_data(t):
+            c.name, c.data_type = t.name, t.data_type
+            c.dims.append(0)
+        else:
+            c.CopyFrom(t)
+    return shell
+
+
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
-        if serialized_size(model) is not None:
-            onnx.checker.check_model(model)
-        elif path is not None:
+        if path is not None and (uses_external_refs(model) or serialized_size(model) is None):
             onnx.checker.check_model(str(path))
+        elif uses_external_refs(model):
+            onnx.checker.check_model(_checkable(model))
+        elif serialized_size(model) is not None:
+            onnx.checker.check_model(model)
     except Exception as exc:
         where = f"{path}: " if path is not None else ""
         raise InputError(f"{where}invalid model ({_first_line(exc)})") from None
@@ -131,52 +159,185 @@ class SavedModel:
     file_bytes: int
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False) -> SavedModel:
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool = False,
+               base_dir: str | os.PathLike | None = None) -> SavedModel:
     """Write ``model`` atomically: a temporary file in the same folder, then a
-    rename.  External data (forced when the model exceeds protobuf's 2 GB)
-    goes to ``<name>.data`` beside it.  ``model`` itself is not changed."""
+    rename.  External data (forced when the model exceeds protobuf's 2 GB, or
+    when it references external data) goes to ``<name>.data`` beside it,
+    streamed one tensor at a time; references to external data are resolved
+    under ``base_dir``.  ``model`` itself is not changed."""
     out = Path(path)
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{out}: output folder {parent} does not exist")
     if out.exists() and not out.is_file():
         raise InputError(f"{out}: exists and is not a regular file")
-    if external_data or needs_external_data(model):
-        return _save_external(model, out, parent)
+    refs = uses_external_refs(model)
+    if refs and base_dir is None:
+        raise InputError("the model references external data: pass the folder it lives in (base_dir)")
+    if external_data or refs or needs_external_data(model):
+        return _save_external(model, out, parent, Path(base_dir) if base_dir is not None else None)
     atomic_write_bytes(out, model.SerializeToString(deterministic=True))
     return SavedModel(out, None, out.stat().st_size)
 
 
-def _save_external(model: onnx.ModelProto, out: Path, parent: Path) -> SavedModel:
+_ALIGN = 4096
+_CHUNK = 16 << 20
+
+
+class _DataWriter:
+    """Appends tensor bytes to the data file, page-aligned, and rewrites each
+    tensor as a reference to it."""
+
+    def __init__(self, f, location: str, base_dir: Path | None):
+        self.f, self.location, self.base_dir = f, location, base_dir
+        self.offset = 0
+
+    def _start(self) -> int:
+        pad = (-self.offset) % _ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        return self.offset
+
+    def _ref(self, t: onnx.TensorProto, start: int, length: int) -> None:
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.EXTERNAL
+        for k, v in (("location", self.location), ("offset", str(start)), ("length", str(length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+
+    def copy_external(self, t: onnx.TensorProto) -> None:
+        info = external_data_helper.ExternalDataInfo(t)
+        src = _resolve_external(self.base_dir, t)
+        start, left = self._start(), info.length
+        with open(src, "rb") as g:
+            g.seek(info.offset or 0)
+            if left is None:
+                left = src.stat().st_size - (info.offset or 0)
+            total = left
+            while left > 0:
+                block = g.read(min(_CHUNK, left))
+                if not block:
+                    raise InputError(f"tensor {t.name!r}: external data ends early in {src.name}")
+                self.f.write(block)
+                left -= len(block)
+        self.offset += total
+        self._ref(t, start, total)
+
+    def move_inline(self, t: onnx.TensorProto) -> None:
+        data = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+        start = self._start()
+        self.f.write(data)
+        self.offset += len(data)
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            t.ClearField(field)
+        self._ref(t, start, len(data))
+
+
+def _inline_bytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        return 0
+
+
+def _repeated(fd) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6 drops FieldDescriptor.label
+    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
+
+
+def _graph_shell(g: onnx.GraphProto) -> onnx.GraphProto:
+    """A copy of ``g`` without its initializers (the heavy part)."""
+    shell = onnx.GraphProto()
+    for fd, value in g.ListFields():
+        if fd.name == "initializer":
+            continue
+        if _repeated(fd):
+            getattr(shell, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(shell, fd.name).CopyFrom(value)
+        else:
+            setattr(shell, fd.name, value)
+    return shell
+
+
+def _nested_tensors(g: onnx.GraphProto):
+    """Tensors held in node attributes and subgraphs (not ``g``'s initializers)."""
+    for node in g.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            subs = ([a.g] if a.HasField("g") else []) + list(a.graphs)
+            for sub in subs:
+                yield from sub.initializer
+                yield from _nested_tensors(sub)
+
+
+def _model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` without its top-level initializers."""
+    shell = onnx.ModelProto()
+    for fd, value in model.ListFields():
+        if fd.name == "graph":
+            continue
+        if _repeated(fd):
+            getattr(shell, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(shell, fd.name).CopyFrom(value)
+        else:
+            setattr(shell, fd.name, value)
+    shell.graph.CopyFrom(_graph_shell(model.graph))
+    return shell
+
+
+def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Path | None) -> SavedModel:
     data_name = out.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
+    data_tmp = tmpdir / data_name
     try:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        for t in _external_tensors(copy):  # already-external tensors are re-homed
-            del t.external_data[:]
-            t.data_location = onnx.TensorProto.DEFAULT
-        onnx.save_model(
-            copy,
-            str(tmpdir / out.name),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data_name,
-            size_threshold=_EXTERNAL_THRESHOLD,
-        )
-        del copy
-        data_tmp = tmpdir / data_name
-        data_out = parent / data_name if data_tmp.exists() else None
+        shell = _model_shell(model)
+        wrote_data = False
+        with open(data_tmp, "wb") as f:
+            writer = _DataWriter(f, data_name, base_dir)
+            for t in model.graph.initializer:  # one tensor at a time
+                c = shell.graph.initializer.add()
+                if external_data_helper.uses_external_data(t):
+                    c.CopyFrom(t)
+                    writer.copy_external(c)
+                    wrote_data = True
+                elif _inline_bytes(t) >= _EXTERNAL_THRESHOLD:
+                    c.CopyFrom(t)
+                    writer.move_inline(c)
+                    wrote_data = True
+                else:
+                    c.CopyFrom(t)
+            for t in _nested_tensors(shell.graph):  # tensors inside subgraphs and attributes
+                if external_data_helper.uses_external_data(t):
+                    writer.copy_external(t)
+                    wrote_data = True
+            _default_mode(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
+        model_tmp = tmpdir / out.name
+        with open(model_tmp, "wb") as f:
+            f.write(shell.SerializeToString(deterministic=True))
+            _default_mode(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
+        del shell
+        data_out = parent / data_name if wrote_data else None
         backup = None
         try:
             if data_out is not None:
-                with open(data_tmp, "rb") as f:
-                    _default_mode(f.fileno())
                 if data_out.exists():  # an earlier output's weights, kept until the model is in place
                     backup = tmpdir / (data_name + ".old")
                     os.replace(data_out, backup)
                 os.replace(data_tmp, data_out)
-            os.replace(tmpdir / out.name, out)
+            os.replace(model_tmp, out)
         except BaseException:
             # The earlier model (if any) must still find its own weights.
             if backup is not None:

@@ -29,7 +29,7 @@ INSERT_RTOL = 1e-6
 INSERT_ATOL = 1e-6
 
 
-def _get_records(env: Envelope) -> list[rp.Record]:
+def _get_records(env: Envelope | onnx.ModelProto) -> list[rp.Record]:
     for e in env.metadata_props:
         if e.key == rp.RECORD_KEY:
             try:
@@ -53,10 +53,7 @@ def _bad(exc: rp.ReparamError) -> InputError:
 
 def trainable_manifest(model: onnx.ModelProto) -> dict:
     """``trainable.json``: the trainable (D, V, A, B) and frozen initializer names."""
-    records = []
-    for e in model.metadata_props:
-        if e.key == rp.RECORD_KEY:
-            records = rp.load_records(e.value)
+    records = _get_records(model)
     trainable = [n for r in records for n in r.trainable]
     tset = set(trainable)
     frozen = [t.name for t in model.graph.initializer if t.name not in tset]
@@ -115,7 +112,16 @@ def insert(
 
 
 def _param_count(graph: gs.Graph) -> int:
-    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in graph.tensors().values() if isinstance(t, gs.Constant))
+    """Elements of the float initializers (not shape constants)."""
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in graph.tensors().values()
+               if isinstance(t, gs.Constant) and _is_float(t.dtype))
+
+
+def _is_float(dtype) -> bool:
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:  # an ONNX type numpy lacks (bfloat16, float8): float
+        return True
 
 
 def _trainable_count(r: rp.Record) -> int:
@@ -171,7 +177,7 @@ def fold(
         _substitute(graph, vals, set(vals))
         reference = None
         if verify and base_model:  # what the base plus the adapter computes, unfolded
-            g2, env2 = to_graph(to_model(graph, env))
+            g2, env2 = to_graph(to_model(graph, env), env.base_dir)
             try:
                 rp.reinsert(g2, records, vals)
             except rp.ReparamError as exc:
@@ -226,15 +232,13 @@ class Adapter:
         self.values = values
 
     @classmethod
-    def from_model(cls, model: onnx.ModelProto) -> "Adapter":
-        records = []
-        for e in model.metadata_props:
-            if e.key == rp.RECORD_KEY:
-                records = rp.load_records(e.value)
+    def from_model(cls, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> "Adapter":
+        records = _get_records(model)
         if not records:
             raise InputError("the model has no D/V (it was not made by `beats-compile insert`)")
         names = {n for r in records for n in r.trainable}
-        values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer if t.name in names}
+        values = {t.name: onnx.numpy_helper.to_array(t, base_dir=str(base_dir or "")) for t in model.graph.initializer
+                  if t.name in names}
         missing = names - set(values)
         if missing:
             raise InputError(f"the model lacks trained tensors {', '.join(sorted(missing))}")

@@ -15,6 +15,8 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from passes.convert import uses_external_refs
+
 from .io import needs_external_data, save_model
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)
@@ -78,7 +80,8 @@ class _Session:
     in-memory model over 2 GB is written to the system temp folder, which is
     removed on close."""
 
-    def __init__(self, model: onnx.ModelProto | None, path: Path | None, optimize: bool = True):
+    def __init__(self, model: onnx.ModelProto | None, path: Path | None, optimize: bool = True,
+                 base_dir: Path | None = None):
         import onnxruntime as ort
 
         self._tmp: str | None = None
@@ -88,9 +91,9 @@ class _Session:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if path is not None:
             src: Any = str(path)
-        elif needs_external_data(model):
+        elif needs_external_data(model) or uses_external_refs(model):
             self._tmp = tempfile.mkdtemp(prefix="beats-verify-")
-            src = str(save_model(model, Path(self._tmp) / "model.onnx", external_data=True).path)
+            src = str(save_model(model, Path(self._tmp) / "model.onnx", external_data=True, base_dir=base_dir).path)
         else:
             src = model.SerializeToString()
         self.sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
@@ -220,6 +223,7 @@ def verify(
     latency_budget_s: float = 2.0,
     latency_runs: int = 50,
     seed: int = 0,
+    base_dir: Path | None = None,
 ) -> Verification:
     """Run ``original`` and ``result`` on the same inputs and compare every output.
 
@@ -227,11 +231,11 @@ def verify(
     (nothing can then be proved) or when user inputs do not fit the model.
     """
     try:
-        s_orig = _Session(original, original_path)
+        s_orig = _Session(original, original_path, base_dir=base_dir)
     except Exception as exc:
         raise InputError(f"cannot verify: ONNX Runtime cannot load the original model ({_short(exc)}); use --no-verify to skip") from None
     try:
-        s_new = _Session(result, None)
+        s_new = _Session(result, None, base_dir=base_dir)
     except Exception as exc:
         s_orig.close()
         return Verification(False, float("inf"), float("inf"), rtol, atol,

@@ -13,6 +13,8 @@ from .graph import (
     NONDETERMINISTIC_OPS,
     attr_key,
     bypass,
+    const_dtype,
+    const_shape,
     const_value,
     count_nodes,
     has_subgraphs,
@@ -73,19 +75,23 @@ class EliminateNopOps(Pass):
     def call(self, graph: gs.Graph) -> PassResult:
         tm = infer_types(graph)
         stats: dict[str, int] = {}
-        for g in iter_graphs(graph):
-            for node in list(g.nodes):
-                if not is_standard(node) or not node.inputs or len(node.outputs) != 1:
-                    continue
-                check = getattr(self, "_nop_" + node.op, None)
-                if check is None or not node.inputs[0].name:
-                    continue
-                try:
-                    nop = check(node, tm)
-                except (ValueError, IndexError, TypeError):
-                    nop = False
-                if nop and bypass(g, node, node.inputs[0], node.outputs[0]):
-                    _bump(stats, node.op)
+        changed = True
+        while changed:  # a bypass may rename a value to a graph output whose declared type proves an earlier node a nop
+            changed = False
+            for g in iter_graphs(graph):
+                for node in list(g.nodes):
+                    if not is_standard(node) or not node.inputs or len(node.outputs) != 1:
+                        continue
+                    check = getattr(self, "_nop_" + node.op, None)
+                    if check is None or not node.inputs[0].name:
+                        continue
+                    try:
+                        nop = check(node, tm)
+                    except (ValueError, IndexError, TypeError):
+                        nop = False
+                    if nop and bypass(g, node, node.inputs[0], node.outputs[0]):
+                        _bump(stats, node.op)
+                        changed = True
         return PassResult(bool(stats), stats)
 
     @staticmethod
@@ -212,10 +218,10 @@ class DedupeInitializers(Pass):
         for g in iter_graphs(graph):
             groups: dict[tuple, list[gs.Constant]] = {}
             for c in _local_constants(g):
-                v = const_value(c)
-                if v.dtype == object:
+                dt = const_dtype(c)
+                if dt is None or dt == object:
                     continue
-                groups.setdefault((v.dtype.str, v.shape), []).append(c)
+                groups.setdefault((dt.str, const_shape(c)), []).append(c)
             for same_shape in groups.values():
                 if len(same_shape) < 2:
                     continue

@@ -22,6 +22,7 @@ from .base import Pass, PassResult
 from .graph import (
     NONDETERMINISTIC_OPS,
     const_nbytes,
+    const_shape,
     const_value,
     has_subgraphs,
     io_ids,
@@ -73,8 +74,9 @@ def _numel_upper_bound(node: gs.Node, tm: TypeMap, out: gs.Tensor) -> int | None
     s = tm.static_shape(out)
     if s is not None:
         return math.prod(s)
-    vals = [const_value(t) if t.name else None for t in node.inputs]
-    shapes = [v.shape for v in vals if v is not None]
+    # Values only of the small inputs that carry shapes/counts; sizes from shapes.
+    vals = [const_value(t) if t.name and const_nbytes(t) <= 1 << 16 else None for t in node.inputs]
+    shapes = [const_shape(t) for t in node.inputs if t.name]
     op = node.op
     try:
         if op in _NON_EXPANDING:
@@ -104,7 +106,7 @@ def _numel_upper_bound(node: gs.Node, tm: TypeMap, out: gs.Tensor) -> int | None
             if len(a) >= 2 and len(b) >= 2:
                 batch = np.broadcast_shapes(a[:-2], b[:-2])
                 return math.prod(batch) * a[-2] * b[-1]
-    except (ValueError, OverflowError, ZeroDivisionError, IndexError, TypeError):
+    except (ValueError, OverflowError, ZeroDivisionError, IndexError, TypeError, AttributeError):
         return None
     return None
 

@@ -9,11 +9,14 @@ No other module edits protobuf fields of a model by hand.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import external_data_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 
@@ -44,6 +47,8 @@ class Envelope:
     overridable: dict[str, onnx.TensorProto] = field(default_factory=dict)
     # IR < 4: every initializer must be listed as a graph input.
     input_order: list[str] = field(default_factory=list)
+    # Where the model's external data references resolve (None: in memory).
+    base_dir: str | None = None
 
 
 def _copy_list(repeated) -> list:
@@ -55,8 +60,41 @@ def _copy_list(repeated) -> list:
     return out
 
 
-def to_graph(model: onnx.ModelProto) -> tuple[gs.Graph, Envelope]:
-    """Import ``model``.  The model's tensors are shared, not copied."""
+class ExternalValues(LazyValues):
+    """A constant whose bytes stay in its external data file (under
+    ``base_dir``) until a pass reads them; export keeps the reference."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: str):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        info = external_data_helper.ExternalDataInfo(self.tensor)
+        dims = [int(d) for d in self.tensor.dims]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
+        with open(os.path.join(self.base_dir, info.location), "rb") as f:
+            f.seek(info.offset or 0)
+            data = np.fromfile(f, dtype=dtype, count=int(np.prod(dims, dtype=np.int64)))
+        return data.reshape(dims)
+
+
+def _attach_external(graph: gs.Graph, base_dir: str | None) -> None:
+    for g in [graph, *graph.subgraphs(recursive=True)]:
+        for t in g.tensors().values():
+            v = getattr(t, "_values", None)
+            if isinstance(v, LazyValues) and external_data_helper.uses_external_data(v.tensor):
+                if base_dir is None:
+                    raise ValueError(f"tensor {t.name!r} uses external data, but no folder to read it from was given")
+                t._values = ExternalValues(v.tensor, base_dir)
+
+
+def uses_external_refs(model: onnx.ModelProto) -> bool:
+    return any(external_data_helper.uses_external_data(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def to_graph(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> tuple[gs.Graph, Envelope]:
+    """Import ``model``.  The model's tensors are shared, not copied; tensors
+    stored as external data stay there (read from ``base_dir`` on use)."""
     env = Envelope(
         ir_version=model.ir_version,
         opset_import=_copy_list(model.opset_import),
@@ -73,6 +111,8 @@ def to_graph(model: onnx.ModelProto) -> tuple[gs.Graph, Envelope]:
     )
     with quiet():
         graph = gs.import_onnx(model)
+    env.base_dir = None if base_dir is None else str(base_dir)
+    _attach_external(graph, env.base_dir)
     _import_fixups(graph, model.graph)
     init_names = {t.name for t in model.graph.initializer}
     if model.ir_version >= 4:

@@ -11,6 +11,7 @@ from typing import Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 # Ops whose result is not a function of their inputs: never folded or merged.
 NONDETERMINISTIC_OPS = frozenset(
@@ -47,8 +48,29 @@ def is_empty(t: gs.Tensor) -> bool:
     return isinstance(t, gs.Variable) and t.name == ""
 
 
+# Lazily loaded constants above this size are read on each use and never kept
+# in the graph, so a pass touching every weight holds one at a time.
+_CACHE_LIMIT = 1 << 20
+
+
 def const_value(t: gs.Constant) -> np.ndarray:
+    v = t._values
+    if isinstance(v, LazyValues) and v.nbytes > _CACHE_LIMIT:
+        return np.asarray(v.load())
     return np.asarray(t.values)
+
+
+def const_shape(t: gs.Constant) -> tuple[int, ...]:
+    """The constant's shape, without loading its values."""
+    return tuple(int(d) for d in t.shape)
+
+
+def const_dtype(t: gs.Constant) -> np.dtype | None:
+    """The constant's numpy dtype (None for types numpy lacks), without loading it."""
+    try:
+        return np.dtype(t.dtype)
+    except TypeError:
+        return None
 
 
 def const_nbytes(t: gs.Constant) -> int:

@@ -59,6 +59,8 @@ class ReparamError(ValueError):
 
 
 def parse_factorization(text: str) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise ReparamError(f"factorization must be a string (full, vector or rank:R), not {text!r}")
     if text in ("full", "vector"):
         return text, 0
     if text.startswith("rank:"):
@@ -106,6 +108,12 @@ class Policy:
     seed: int = 0
     d_scale: float = 0.02  # D = 1 + d_scale * N(0, 1)
 
+    def __post_init__(self):
+        if not self.rules:
+            raise ReparamError("a policy needs at least one rule")
+        if self.seed < 0:
+            raise ReparamError(f"seed must be >= 0, not {self.seed}")
+
     @classmethod
     def from_dict(cls, data: dict) -> "Policy":
         if not isinstance(data, dict):
@@ -114,15 +122,33 @@ class Policy:
         if unknown:
             raise ReparamError(f"unknown config keys: {', '.join(sorted(unknown))}")
         rules = []
-        for i, r in enumerate(data.get("rules", [{}])):
+        raw_rules = data.get("rules", [{}])
+        if not isinstance(raw_rules, list) or not raw_rules:
+            raise ReparamError("config key 'rules' must be a non-empty list of objects")
+        for i, r in enumerate(raw_rules):
             if not isinstance(r, dict):
                 raise ReparamError(f"rule {i} must be an object")
             bad = set(r) - {"ops", "include", "exclude", "min_size", "factorization", "layout"}
             if bad:
                 raise ReparamError(f"rule {i}: unknown keys {', '.join(sorted(bad))}")
-            kw = {k: tuple(v) if isinstance(v, list) else v for k, v in r.items()}
+            kw = {}
+            for k, v in r.items():
+                if k in ("ops", "include", "exclude"):
+                    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                        raise ReparamError(f"rule {i}: {k} must be a list of strings")
+                    v = tuple(v)
+                elif k == "min_size" and (isinstance(v, bool) or not isinstance(v, int)):
+                    raise ReparamError(f"rule {i}: min_size must be an integer")
+                elif k in ("factorization", "layout") and not isinstance(v, str):
+                    raise ReparamError(f"rule {i}: {k} must be a string")
+                kw[k] = v
             rules.append(Rule(**kw))
-        return cls(tuple(rules), int(data.get("seed", 0)), float(data.get("d_scale", 0.02)))
+        seed, d_scale = data.get("seed", 0), data.get("d_scale", 0.02)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ReparamError("config key 'seed' must be an integer")
+        if isinstance(d_scale, bool) or not isinstance(d_scale, (int, float)) or not math.isfinite(d_scale):
+            raise ReparamError("config key 'd_scale' must be a number")
+        return cls(tuple(rules), seed, float(d_scale))
 
 
 # --------------------------------------------------------------------------- records
@@ -239,10 +265,14 @@ def _consumer_axis(node: gs.Node, rank: int) -> int | None:
     return axis % rank
 
 
-def _trace(t: gs.Tensor) -> tuple[gs.Constant | None, list[gs.Node]]:
-    """Follow ``t`` back through chain ops to a constant weight."""
+def _trace(t: gs.Tensor, through: dict[str, gs.Constant] | None = None) -> tuple[gs.Constant | None, list[gs.Node]]:
+    """Follow ``t`` back through chain ops to a constant weight; ``through``
+    maps an inserted weight's effective tensor to its W0 (so an already
+    inserted weight is still found)."""
     chain: list[gs.Node] = []
     while not is_const(t):
+        if through and t.name in through:
+            return through[t.name], chain
         p = producer(t)
         if p is None or p.op not in _CHAIN_OPS or not is_standard(p) or not p.inputs or len(p.outputs) != 1:
             return None, []
@@ -268,7 +298,8 @@ def _axis_through_chain(chain: list[gs.Node], axis: int | None, w_rank: int) -> 
     return axis if axis is None else axis % max(w_rank, 1)
 
 
-def find_weights(graph: gs.Graph, ops: set[str]) -> dict[int, tuple[gs.Constant, list[Use]]]:
+def find_weights(graph: gs.Graph, ops: set[str], through: dict[str, gs.Constant] | None = None,
+                 ) -> dict[int, tuple[gs.Constant, list[Use]]]:
     """Weight constants read (directly or through a chain) at a weight slot."""
     found: dict[int, tuple[gs.Constant, list[Use]]] = {}
     for node in graph.nodes:
@@ -277,7 +308,7 @@ def find_weights(graph: gs.Graph, ops: set[str]) -> dict[int, tuple[gs.Constant,
         slot, _ = WEIGHT_SLOTS[node.op]
         if len(node.inputs) <= slot:
             continue
-        w, chain = _trace(node.inputs[slot])
+        w, chain = _trace(node.inputs[slot], through)
         if w is None:
             continue
         rank = len(w.shape)
@@ -323,13 +354,17 @@ def insert(graph: gs.Graph, policy: Policy, records: list[Record],
         if r.effective:
             taken.add(r.effective)
     ops = {op for rule in policy.rules for op in rule.ops} if only is None else set(WEIGHT_SLOTS)
-    sites = find_weights(graph, ops)
+    tensors = graph.tensors()
+    through = {r.effective: tensors[r.weight] for r in records
+               if r.effective and is_const(tensors.get(r.weight))}
+    sites = find_weights(graph, ops, through)
     names = NameScope(graph)
     rng = np.random.default_rng(policy.seed)
     new_records = list(records)
     for w, uses in sites.values():
         if w.name in done:
-            if w.name not in stats.already:
+            size = int(np.prod(w.shape, dtype=np.int64))
+            if only is None and any(r.matches(uses[0].consumer.op, w.name, size) for r in policy.rules):
                 stats.already.append(w.name)
             continue
         if w.name in taken:
@@ -500,7 +535,10 @@ def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, 
     wdt = np.dtype(rec.dtype)
     if wdt == np.float32:
         eff = add("Add", [w, dv], f"{rec.weight}.beats_W")
-    else:
+    elif wdt.itemsize > 4:  # float64: widen the delta, never round W0 through float32
+        dv = add("Cast", [dv], f"{rec.weight}.beats_DVw", dtype=wdt, to=onnx.helper.np_dtype_to_tensor_dtype(wdt))
+        eff = add("Add", [w, dv], f"{rec.weight}.beats_W", dtype=wdt)
+    else:  # float16: add in float32, cast back
         onnx_dt = onnx.helper.np_dtype_to_tensor_dtype(wdt)
         w32 = add("Cast", [w], f"{rec.weight}.beats_W0f", to=onnx.TensorProto.FLOAT)
         s = add("Add", [w32, dv], f"{rec.weight}.beats_Wf")
@@ -562,20 +600,34 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
                 if not is_const(t):
                     raise ReparamError(f"trained tensor {name!r} of weight {rec.weight!r} is neither in the model nor in the values")
                 vals[name] = const_value(t)
-        want = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
-        for key in ("D", "V", "A", "B"):
-            name = getattr(rec, key)
-            if name and tuple(vals[name].shape) != tuple(want[key]):
-                raise ReparamError(f"{name!r} has shape {list(vals[name].shape)}, expected {list(want[key])}")
-        w = tensors.get(rec.weight)
-        if not is_const(w):
-            raise ReparamError(f"weight {rec.weight!r} is not an initializer of the model")
+        _check_shapes(rec, vals)
+        w = _weight_of(tensors, rec)
         w0 = const_value(w)
         dlt = delta(rec, vals)
         new_w = gs.Constant(rec.weight, np.ascontiguousarray(fold_value(w0, dlt)))
         _remove_inserted(graph, rec, w, new_w)
         folded.append({"weight": rec.weight, "max_abs_delta": float(np.max(np.abs(dlt))) if dlt.size else 0.0})
     return folded
+
+
+def _check_shapes(rec: Record, vals: dict[str, np.ndarray]) -> None:
+    want = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
+    for key in ("D", "V", "A", "B"):
+        name = getattr(rec, key)
+        if name and tuple(np.shape(vals[name])) != tuple(want[key]):
+            raise ReparamError(f"{name!r} has shape {list(np.shape(vals[name]))}, expected {list(want[key])}")
+
+
+def _weight_of(tensors: dict, rec: Record) -> gs.Constant:
+    """The record's weight, checked against the record (an adapter may be
+    applied to a model it was not made for)."""
+    w = tensors.get(rec.weight)
+    if not is_const(w):
+        raise ReparamError(f"weight {rec.weight!r} is not an initializer of the model")
+    if [int(d) for d in w.shape] != list(rec.shape):
+        raise ReparamError(f"weight {rec.weight!r} has shape {[int(d) for d in w.shape]}, "
+                           f"the reparameterization record expects {list(rec.shape)}")
+    return w
 
 
 def _remove_inserted(graph: gs.Graph, rec: Record, w_old: gs.Constant, w_new: gs.Constant) -> None:
@@ -615,12 +667,11 @@ def unfold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray]
     ``W0 = W - D (.) V`` again, so ``W0 + D (.) V`` is the folded weight."""
     tensors = graph.tensors()
     for rec in records:
-        w = tensors.get(rec.weight)
-        if not is_const(w):
-            raise ReparamError(f"weight {rec.weight!r} is not an initializer of the model")
+        w = _weight_of(tensors, rec)
         missing = [n for n in rec.trainable if n not in values]
         if missing:
             raise ReparamError(f"no value for {', '.join(missing)}")
+        _check_shapes(rec, values)
         w0 = gs.Constant(rec.weight, np.ascontiguousarray(unfold_value(const_value(w), delta(rec, values))))
         replace_uses(w, w0)
     return reinsert(graph, records, values)

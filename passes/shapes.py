@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
 from .convert import export_skeleton
-from .graph import const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
+from .graph import const_dtype, const_shape, const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
 
 Dim = int | str | None
 
@@ -34,7 +34,7 @@ class TypeMap:
 
     def shape(self, t: gs.Tensor) -> tuple[Dim, ...] | None:
         if is_const(t):
-            return tuple(const_value(t).shape)
+            return const_shape(t)
         s = self.shapes.get(t.name)
         if s is None and isinstance(t, gs.Variable) and t.shape is not None:
             s = tuple(d if isinstance(d, (int, str)) else None for d in t.shape)
@@ -52,7 +52,7 @@ class TypeMap:
 
     def dtype(self, t: gs.Tensor) -> np.dtype | None:
         if is_const(t):
-            return const_value(t).dtype
+            return const_dtype(t)
         e = self.elem.get(t.name, 0)
         if e:
             try:

@@ -6,7 +6,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassResult
-from ..graph import NameScope, const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes
+from ..graph import NameScope, const_dtype, const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes
 
 
 def _why_not(conv: gs.Node | None, bn: gs.Node, out_ids: set[int]) -> str | None:
@@ -26,7 +26,8 @@ def _why_not(conv: gs.Node | None, bn: gs.Node, out_ids: set[int]) -> str | None
         return "weight_not_constant"
     if len(conv.inputs) > 2 and conv.inputs[2].name and not is_const(conv.inputs[2]):
         return "bias_not_constant"
-    if const_value(conv.inputs[1]).dtype.kind != "f":
+    dt = const_dtype(conv.inputs[1])
+    if dt is None or dt.kind != "f":
         return "weight_not_float"
     return None
 

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassResult
-from ..graph import const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes
+from ..graph import const_dtype, const_shape, io_ids, is_const, is_standard, iter_graphs, remove_nodes
 from ..shapes import TypeMap, infer_types
 
 _GEMM_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -16,7 +16,7 @@ _GEMM_TYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _bias_ok(c: gs.Tensor, n: int | str | None) -> bool:
     if not is_const(c):
         return False
-    shape = const_value(c).shape
+    shape = const_shape(c)
     if len(shape) == 0 or shape in ((1,), (1, 1)):
         return True
     return isinstance(n, int) and shape in ((n,), (1, n))
@@ -51,7 +51,7 @@ class FuseMatMulAdd(Pass):
                     continue
                 if tm.dtype(a) not in _GEMM_TYPES or tm.dtype(b) != tm.dtype(a):
                     continue
-                if not _bias_ok(c, sb[1]) or const_value(c).dtype != tm.dtype(a):
+                if not _bias_ok(c, sb[1]) or const_dtype(c) != tm.dtype(a):
                     continue
                 out = add.outputs[0]
                 gemm = gs.Node("Gemm", name=mm.name or add.name, inputs=[a, b, c], outputs=[])

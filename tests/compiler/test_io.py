@@ -131,6 +131,47 @@ class Crash(Exception):
     pass
 
 
+class HalfWriter:
+    """A file that writes half of its first write, then fails (disk full)."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, b):
+        self.f.write(b[: len(b) // 2])
+        self.f.flush()
+        raise Crash("disk full")
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def crash_writes_under(folder, monkeypatch):
+    """Every file opened for writing under ``folder`` fails mid-write, however
+    the saver opens it (``open`` or ``os.fdopen`` of a temporary file)."""
+    import builtins
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def opener(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        inside = isinstance(file, (str, os.PathLike)) and Path(file).resolve().is_relative_to(folder.resolve())
+        return HalfWriter(f) if inside and any(c in mode for c in "wax+") else f
+
+    def fdopener(fd, mode="r", *a, **k):
+        f = real_fdopen(fd, mode, *a, **k)
+        return HalfWriter(f) if any(c in mode for c in "wax+") else f
+
+    monkeypatch.setattr(builtins, "open", opener)
+    monkeypatch.setattr(os, "fdopen", fdopener)
+
+
 @pytest.mark.parametrize("fail_at", ["write", "fsync", "replace", "interrupt"])
 def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fail_at):
     out = tmp_path / "out.onnx"
@@ -140,27 +181,7 @@ def test_save_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch, fail_at
         raise KeyboardInterrupt if fail_at == "interrupt" else Crash(fail_at)
 
     if fail_at == "write":
-        real_fdopen = os.fdopen
-
-        class HalfWriter:
-            def __init__(self, f):
-                self.f = f
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self.f.close()
-
-            def write(self, b):
-                self.f.write(b[: len(b) // 2])
-                self.f.flush()
-                raise Crash("disk full")
-
-            def __getattr__(self, name):
-                return getattr(self.f, name)
-
-        monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: HalfWriter(real_fdopen(fd, *a, **k)))
+        crash_writes_under(tmp_path, monkeypatch)
     elif fail_at in ("fsync", "interrupt"):
         monkeypatch.setattr(os, "fsync", boom)
     else:
@@ -203,16 +224,17 @@ def test_save_external_rehomes_loaded_external_tensors(tmp_path):
     assert data(load_model(tmp_path / "o" / "out.onnx").model) == data(lm.model)
 
 
-def test_save_external_failure_leaves_nothing(tmp_path, monkeypatch):
-    def half_then_crash(model, path, **kw):
-        Path(path).write_bytes(b"partial")
-        Path(path).with_name(kw["location"]).write_bytes(b"partial data")
-        raise Crash("mid-write")
-
-    monkeypatch.setattr(onnx, "save_model", half_then_crash)
+@pytest.mark.parametrize("earlier_output", [False, True])
+def test_save_external_failure_mid_write_leaves_no_partial_output(tmp_path, monkeypatch, earlier_output):
+    out = tmp_path / "out.onnx"
+    if earlier_output:
+        save_model(weighty_model(seed=0), out, external_data=True)
+    before = {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)}
+    crash_writes_under(tmp_path, monkeypatch)
     with pytest.raises(Crash):
-        save_model(weighty_model(), tmp_path / "out.onnx", external_data=True)
-    assert listing(tmp_path) == []
+        save_model(weighty_model(seed=5), out, external_data=True)
+    monkeypatch.undo()
+    assert {n: (tmp_path / n).read_bytes() for n in listing(tmp_path)} == before
 
 
 def test_save_external_failure_keeps_old_pair_consistent(tmp_path, monkeypatch):

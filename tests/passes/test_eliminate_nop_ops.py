@@ -269,3 +269,19 @@ def test_custom_domain_lookalike_kept():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)])
     out, (res,) = apply(m, EliminateNopOps())
     assert ops(out) == ["Abs", "Cast", "Neg"] and not res.modified
+
+
+def test_nop_proved_by_a_later_rename_to_graph_output_removed_in_same_run():
+    # Inference cannot tell the Loop's carried output's shape; removing the
+    # no-op Cast renames that output to the graph output "y", whose declared
+    # shape then proves the *earlier* Expand a no-op: one run must get both.
+    body = helper.make_graph(
+        [H("Identity", ["ci"], ["co"]), H("Tanh", ["v"], ["vo"])], "body",
+        [vi("i", [], TensorProto.INT64), vi("ci", [], TensorProto.BOOL), vi("v", [2, 3])],
+        [vi("co", [], TensorProto.BOOL), vi("vo", [2, 3])])
+    m = make_model([H("Loop", ["n", "", "x"], ["l"], body=body), H("Expand", ["l", "s"], ["e"]),
+                    H("Neg", ["e"], ["z"]), H("Cast", ["l"], ["y"], to=TensorProto.FLOAT)],
+                   [vi("x", [2, 3])], [vi("y", [2, 3]), vi("z", [2, 3])],
+                   {"n": np.array(2, np.int64), "s": I64(1, 3)})
+    out, res = run(m)
+    assert ops(out) == ["Loop", "Neg"] and res.stats == {"Expand": 1, "Cast": 1}
