@@ -124,6 +124,7 @@ def transform(
         if not _is_sorted(graph, set()):
             graph.toposort()
     result = to_model(graph, env)
+    del graph  # its constants are now in ``result``; keep one copy of each weight
     try:
         check_model(result)
     except InputError as exc:

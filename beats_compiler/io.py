@@ -108,15 +108,18 @@ def serialized_size(model: onnx.ModelProto) -> int | None:
     return size if size < PROTOBUF_LIMIT else None
 
 
+_CHECK_INLINE_LIMIT = 1 << 20
+
+
 def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy the in-memory checker can read: each top-level initializer kept
-    as external data becomes an empty placeholder (the checker would look for
-    its file relative to the working directory)."""
-    shell = onnx.ModelProto()
-    shell.CopyFrom(_model_shell(model))
+    """A copy the in-memory checker can read cheaply: each top-level
+    initializer kept as external data (the checker would look for its file
+    relative to the working directory) or over 1 MiB becomes an empty
+    placeholder; the checker checks structure, not weight bytes."""
+    shell = _model_shell(model)
     for t in model.graph.initializer:
         c = shell.graph.initializer.add()
-        if external_data_helper.uses_external_data(t):
+        if external_data_helper.uses_external_data(t) or _inline_bytes(t) > _CHECK_INLINE_LIMIT:
             c.name, c.data_type = t.name, t.data_type
             c.dims.append(0)
         else:
@@ -128,10 +131,8 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
         if path is not None and (uses_external_refs(model) or serialized_size(model) is None):
             onnx.checker.check_model(str(path))
-        elif uses_external_refs(model):
+        else:
             onnx.checker.check_model(_checkable(model))
-        elif serialized_size(model) is not None:
-            onnx.checker.check_model(model)
     except Exception as exc:
         where = f"{path}: " if path is not None else ""
         raise InputError(f"{where}invalid model ({_first_line(exc)})") from None

@@ -248,13 +248,45 @@ def _dedupe_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
     scope.update(i.name for i in graph.input)
     for node in graph.node:
         scope.update(node.output)
+    _hoist_shared_initializers(graph, scope)
+    for sub in _subgraphs(graph):
+        _dedupe_outer_initializers(sub, scope)
+
+
+def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    subs = []
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                _dedupe_outer_initializers(attr.g, scope)
+                subs.append(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    _dedupe_outer_initializers(g, scope)
+                subs.extend(attr.graphs)
+    return subs
+
+
+def _hoist_shared_initializers(graph: onnx.GraphProto, scope: set[str]) -> None:
+    """gs also writes a constant read only inside bodies into *every* body
+    that reads it (one copy per If branch).  An identical initializer found
+    in several nested bodies, and defined nowhere else there, is stored once
+    here instead; the copies are then dropped as outer-scope names."""
+    found: dict[str, list[onnx.TensorProto]] = {}
+    defined: set[str] = set()
+    stack = _subgraphs(graph)
+    while stack:
+        g = stack.pop()
+        for t in g.initializer:
+            found.setdefault(t.name, []).append(t)
+        defined.update(i.name for i in g.input)
+        for node in g.node:
+            defined.update(node.output)
+        stack.extend(_subgraphs(g))
+    for name, copies in found.items():
+        if len(copies) < 2 or name in scope or name in defined:
+            continue
+        first = copies[0].SerializeToString(deterministic=True)
+        if all(c.SerializeToString(deterministic=True) == first for c in copies[1:]):
+            graph.initializer.add().CopyFrom(copies[0])
+            scope.add(name)
 
 
 def to_model(graph: gs.Graph, env: Envelope) -> onnx.ModelProto:

@@ -245,6 +245,44 @@ def unfold_value(w: np.ndarray, dlt: np.ndarray) -> np.ndarray:
     return np.where(dlt == 0, w, (w.astype(np.float64) - dlt).astype(w.dtype))
 
 
+_BLOCK_BYTES = 32 << 20
+
+
+def apply_delta(rec: Record, w: np.ndarray, values: dict[str, np.ndarray], sign: int = 1) -> tuple[np.ndarray, float]:
+    """``w + sign * D (.) V``, block by block along the output axis, so the
+    temporaries stay small next to the weight itself.  Sums run in float64;
+    W's bits are kept wherever the delta is exactly zero.  Returns the new
+    weight and the largest |delta|."""
+    out = np.empty_like(w)
+    if w.size == 0:
+        return out, 0.0
+    ax = rec.axis if rec.factorization != "full" else 0
+    n = w.shape[ax]
+    row_bytes = max(w.nbytes // max(n, 1), 1) * 3  # w block, float64 delta
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    rest = [s for i, s in enumerate(w.shape) if i != ax]
+    biggest = 0.0
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        sl = tuple(slice(c0, c1) if i == ax else slice(None) for i in range(w.ndim))
+        d = values[rec.D][c0:c1].astype(np.float64)
+        if rec.factorization == "full":
+            dlt = d * values[rec.V][sl].astype(np.float64)
+        elif rec.factorization == "vector":
+            bshape = [1] * w.ndim
+            bshape[ax] = c1 - c0
+            dlt = d.reshape(bshape) * values[rec.V][sl].astype(np.float64)
+        else:
+            mat = (values[rec.A].astype(np.float64) @ values[rec.B][:, c0:c1].astype(np.float64)) * d
+            dlt = np.moveaxis(mat.reshape(rest + [c1 - c0]), -1, ax)
+        blk = w[sl]
+        summed = (blk.astype(np.float64) + sign * dlt).astype(w.dtype)
+        out[sl] = np.where(dlt == 0, blk, summed)
+        if dlt.size:
+            biggest = max(biggest, float(np.max(np.abs(dlt))))
+    return out, biggest
+
+
 # --------------------------------------------------------------------------- sites
 
 
@@ -602,11 +640,10 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
                 vals[name] = const_value(t)
         _check_shapes(rec, vals)
         w = _weight_of(tensors, rec)
-        w0 = const_value(w)
-        dlt = delta(rec, vals)
-        new_w = gs.Constant(rec.weight, np.ascontiguousarray(fold_value(w0, dlt)))
+        new_value, biggest = apply_delta(rec, const_value(w), vals)
+        new_w = gs.Constant(rec.weight, new_value)
         _remove_inserted(graph, rec, w, new_w)
-        folded.append({"weight": rec.weight, "max_abs_delta": float(np.max(np.abs(dlt))) if dlt.size else 0.0})
+        folded.append({"weight": rec.weight, "max_abs_delta": biggest})
     return folded
 
 
@@ -672,7 +709,7 @@ def unfold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray]
         if missing:
             raise ReparamError(f"no value for {', '.join(missing)}")
         _check_shapes(rec, values)
-        w0 = gs.Constant(rec.weight, np.ascontiguousarray(unfold_value(const_value(w), delta(rec, values))))
+        w0 = gs.Constant(rec.weight, apply_delta(rec, const_value(w), values, sign=-1)[0])
         replace_uses(w, w0)
     return reinsert(graph, records, values)
 

@@ -29,6 +29,9 @@ def _why_not(conv: gs.Node | None, bn: gs.Node, out_ids: set[int]) -> str | None
     dt = const_dtype(conv.inputs[1])
     if dt is None or dt.kind != "f":
         return "weight_not_float"
+    channels = conv.inputs[1].shape[0]
+    if any(tuple(t.shape) != (channels,) for t in bn.inputs[1:5]):
+        return "bn_params_not_per_channel"  # e.g. BatchNormalization-7 with spatial=0
     return None
 
 

@@ -201,9 +201,9 @@ def test_cse_merges_outer_duplicate_read_inside_body():
         assert_same_on_ort(m, out, f)
 
 
-def test_body_may_not_redefine_outer_initializer_after_folding():
-    # A body reads an outer initializer; after folding, the exported body
-    # must not carry its own copy of the outer name.
+def test_folded_constant_read_by_both_branches_stored_once():
+    # Both branches read w; folding Neg(w0) must leave one w in the outer
+    # graph, not a copy of it in each branch.
     then_g = helper.make_graph([H("Add", ["x", "w"], ["t_out"])], "then", [], [vi("t_out", SHAPE)])
     else_g = helper.make_graph([H("Mul", ["x", "w"], ["e_out"])], "else", [], [vi("e_out", SHAPE)])
     m = make_model([H("Neg", ["w0"], ["w"]), H("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
