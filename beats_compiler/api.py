@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -123,8 +124,9 @@ def transform(
     with quiet():
         if not _is_sorted(graph, set()):
             graph.toposort()
-    result = to_model(graph, env)
+    result = to_model(graph, env, consume=True)
     del graph  # its constants are now in ``result``; keep one copy of each weight
+    gc.collect()  # gs graphs are reference cycles
     try:
         check_model(result)
     except InputError as exc:

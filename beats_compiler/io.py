@@ -101,6 +101,9 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False) -> LoadedModel:
 
 def serialized_size(model: onnx.ModelProto) -> int | None:
     """Bytes the model serializes to, or None when that is over protobuf's 2 GB."""
+    inline = sum(_inline_bytes(t) for t in model.graph.initializer if not external_data_helper.uses_external_data(t))
+    if inline >= PROTOBUF_LIMIT:  # sizing would encode the whole model only to fail
+        return None
     try:
         size = model.ByteSize()
     except Exception:  # protobuf refuses to size a message over 2 GB
@@ -226,24 +229,28 @@ class _DataWriter:
         self.offset += total
         self._ref(t, start, total)
 
-    def move_inline(self, t: onnx.TensorProto) -> None:
-        data = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+    def move_inline(self, src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
+        """Write ``src``'s bytes to the data file; ``dst`` (empty) becomes the
+        reference.  The weight is never copied into ``dst``: a protobuf arena
+        would keep that memory until the whole model is freed."""
+        data = src.raw_data if src.HasField("raw_data") else numpy_helper.to_array(src).tobytes()
         start = self._start()
         self.f.write(data)
         self.offset += len(data)
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-            t.ClearField(field)
-        self._ref(t, start, len(data))
+        del data
+        dst.name, dst.data_type = src.name, src.data_type
+        dst.dims.extend(src.dims)
+        if src.doc_string:
+            dst.doc_string = src.doc_string
+        self._ref(dst, start, self.offset - start)
 
 
 def _inline_bytes(t: onnx.TensorProto) -> int:
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
     n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    try:
+    try:  # from dims: reading raw_data would copy the whole weight
         return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except Exception:
-        return 0
+        return len(t.raw_data) if t.HasField("raw_data") else 0
 
 
 def _repeated(fd) -> bool:
@@ -311,8 +318,7 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Pa
                     writer.copy_external(c)
                     wrote_data = True
                 elif _inline_bytes(t) >= _EXTERNAL_THRESHOLD:
-                    c.CopyFrom(t)
-                    writer.move_inline(c)
+                    writer.move_inline(t, c)
                     wrote_data = True
                 else:
                     c.CopyFrom(t)

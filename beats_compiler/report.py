@@ -47,16 +47,13 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
         for e in t.external_data:
             if e.key == "length":
                 return int(e.value)
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
     count = 1
     for d in t.dims:
         count *= d
-    try:
-        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    try:  # from dims: reading raw_data would copy the whole weight
+        return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     except Exception:
-        size = 1
-    return count * size
+        return len(t.raw_data) if t.HasField("raw_data") else 0
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
 
 
@@ -289,9 +289,52 @@ def _hoist_shared_initializers(graph: onnx.GraphProto, scope: set[str]) -> None:
             scope.add(name)
 
 
-def to_model(graph: gs.Graph, env: Envelope) -> onnx.ModelProto:
-    """Export ``graph`` with the model-level data in ``env``."""
-    model = export(graph, opset_imports=list(env.opset_import))
+_BIG = 1 << 20
+
+
+def _export_light(graph: gs.Graph, consume: bool = False, **kw) -> onnx.ModelProto:
+    """gs's export copies every weight twice (make_graph, then make_model);
+    large top-level constants are exported as empty stand-ins and copied in
+    once afterwards.  With ``consume`` the graph gives each weight up as it
+    is copied (the graph is not used again), so only one copy exists."""
+    big = {}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues) and _nbytes(t) > _BIG:
+            big[t.name] = t
+    saved = {name: t._values for name, t in big.items()}
+    try:
+        for name, t in big.items():
+            stand_in = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT)
+            stand_in.dims.append(0)
+            t._values = LazyValues(stand_in)
+        model = export(graph, **kw)
+    finally:
+        if not consume:
+            for name, t in big.items():
+                t._values = saved[name]
+    for init in model.graph.initializer:
+        v = saved.pop(init.name, None) if consume else saved.get(init.name)
+        if v is None:
+            continue
+        if isinstance(v, LazyValues):
+            name = init.name
+            init.CopyFrom(v.tensor)
+            init.name = name
+        else:
+            init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(v), init.name))
+    return model
+
+
+def _nbytes(t: gs.Constant) -> int:
+    v = t._values
+    return int(v.nbytes) if hasattr(v, "nbytes") else 0
+
+
+def to_model(graph: gs.Graph, env: Envelope, *, consume: bool = False) -> onnx.ModelProto:
+    """Export ``graph`` with the model-level data in ``env``.  ``consume``:
+    the graph is discarded afterwards, so its large weights move into the
+    model instead of being copied."""
+    model = _export_light(graph, consume=consume, opset_imports=list(env.opset_import))
     model.ir_version = env.ir_version
     model.producer_name = env.producer_name
     model.producer_version = env.producer_version

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .graph import NameScope, const_value, is_const, is_standard, producer, replace_uses
 
@@ -419,7 +420,7 @@ def insert(graph: gs.Graph, policy: Policy, records: list[Record],
             rule = next((r for r in policy.rules if r.matches(uses[0].consumer.op, w.name, size)), None)
             if rule is None:
                 continue
-        reason = _why_not(w, uses, rule)
+        reason = _why_not(w, uses, rule, only[w.name].axis if only is not None else None)
         if reason:
             stats.skipped[w.name] = reason
             continue
@@ -436,7 +437,11 @@ def insert(graph: gs.Graph, policy: Policy, records: list[Record],
     return new_records, stats
 
 
-def _why_not(w: gs.Constant, uses: list[Use], rule: Rule) -> str | None:
+def _why_not(w: gs.Constant, uses: list[Use], rule: Rule, axis: int | None = None) -> str | None:
+    """Why ``w`` cannot take ``rule`` (None: it can).  ``axis``: the output
+    axis a record already fixed (re-insert), instead of the one the consumers
+    imply; readers outside the original selection (a tied embedding's Gather)
+    must not veto it."""
     try:
         dt = np.dtype(w.dtype)
     except TypeError:
@@ -446,7 +451,7 @@ def _why_not(w: gs.Constant, uses: list[Use], rule: Rule) -> str | None:
     fact, rank = parse_factorization(rule.factorization)
     shape = tuple(w.shape)
     if fact != "full":
-        axes = {u.axis for u in uses}
+        axes = {u.axis for u in uses} if axis is None else {axis % max(len(shape), 1)}
         if None in axes:
             return "output axis unknown through the ops between the weight and its consumer (use factorization full)"
         if len(axes) != 1:
@@ -641,10 +646,19 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
         _check_shapes(rec, vals)
         w = _weight_of(tensors, rec)
         new_value, biggest = apply_delta(rec, const_value(w), vals)
-        new_w = gs.Constant(rec.weight, new_value)
+        new_w = _as_constant(rec.weight, new_value)
+        del new_value
         _remove_inserted(graph, rec, w, new_w)
         folded.append({"weight": rec.weight, "max_abs_delta": biggest})
     return folded
+
+
+def _as_constant(name: str, value: np.ndarray) -> gs.Constant:
+    """A large folded weight is kept as its serialized tensor only (the form
+    export writes), not as an array plus a serialized copy."""
+    if value.nbytes <= 1 << 20:
+        return gs.Constant(name, value)
+    return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(value, name)))
 
 
 def _check_shapes(rec: Record, vals: dict[str, np.ndarray]) -> None:

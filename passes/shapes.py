@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,6 +114,79 @@ def _has_long_1d(g: onnx.GraphProto) -> bool:
     return False
 
 
+# Data propagation computes numbers from small integer constants and static
+# dims, through arithmetic; a shape operand (input index) that may reach a big
+# number gives a 1-D tensor a big static length in that same run.
+_SHAPE_OPERAND = {"ConstantOfShape": 0, "Expand": 1, "Reshape": 1, "Resize": 3, "Upsample": 1, "Tile": 1}
+_INT_TYPES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})
+
+
+def _data_prop_bounded(g: onnx.GraphProto, vals: dict | None = None, dims: dict | None = None) -> bool:
+    """Whether no 1-D tensor can get a static length over ``_DATA_PROP_MAX_LEN``
+    through data propagation, by over-estimating (per tensor) the numbers it
+    may compute (``vals``) and the numeric dims it may give (``dims``)."""
+    vals = {} if vals is None else vals
+    dims = {} if dims is None else dims
+    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*g.input, *g.output, *g.value_info)
+              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+
+    def known(name):  # (max static dim, fully static, rank) from the plain inference run
+        sh = shapes.get(name)
+        if sh is None:
+            return 0, False, None
+        return max((d.dim_value for d in sh.dim), default=0), all(d.HasField("dim_value") for d in sh.dim), len(sh.dim)
+
+    def biggest(t: onnx.TensorProto) -> int:
+        if t.data_type not in _INT_TYPES:
+            return 0
+        return int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int64)).max(initial=0))
+
+    for t in g.initializer:
+        vals[t.name], dims[t.name] = biggest(t), max(t.dims, default=0)
+    for vi in g.input:
+        dims.setdefault(vi.name, known(vi.name)[0])  # a symbolic input dim never becomes a number
+    for node in g.node:
+        ins = [i for i in node.input if i]
+        v = [vals.get(i, 0) for i in ins]
+        d = [dims.get(i, 0) for i in ins]
+        op = node.op_type
+        out_v = max(v, default=0)
+        if op == "Constant":
+            out_v = max((biggest(a.t) for a in node.attribute if a.HasField("t")), default=0)
+        elif op == "Shape":
+            out_v = d[0] if d else 0
+        elif op == "Size":
+            rank = known(ins[0])[2] if ins else None
+            out_v = (d[0] ** rank if rank is not None else float("inf")) if d and d[0] else 0
+        elif op in ("Add", "Sub", "Sum"):
+            out_v = sum(v)
+        elif op == "Mul":
+            out_v = math.prod(v) if all(v) and v else 0
+        elif op == "Pow" and v and v[0] > 1:
+            out_v = float("inf")
+        out_d = max(d, default=0)
+        k = _SHAPE_OPERAND.get(op)
+        if k is not None and len(node.input) > k and node.input[k]:
+            w = vals.get(node.input[k], 0)
+            out_d = max(out_d, w * out_d if op == "Tile" else w)
+        elif op == "Concat":
+            out_d = sum(d)
+        for a in node.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                sub_vals, sub_dims = dict(vals), dict(dims)
+                if not _data_prop_bounded(sub, sub_vals, sub_dims):
+                    return False
+                out_v = max(out_v, max((sub_vals.get(o.name, 0) for o in sub.output), default=0))
+                out_d = max(out_d, max((sub_dims.get(o.name, 0) for o in sub.output), default=0))
+        for o in node.output:
+            biggest_dim, static, rank = known(o)
+            dims[o] = biggest_dim if static else max(biggest_dim, out_d)
+            vals[o] = out_v
+            if rank in (None, 1) and dims[o] > _DATA_PROP_MAX_LEN:
+                return False
+    return True
+
+
 def infer_types(graph: gs.Graph) -> TypeMap:
     """Run ONNX shape inference (with data propagation) on the graph as it is now.
 
@@ -123,7 +197,7 @@ def infer_types(graph: gs.Graph) -> TypeMap:
     tm = TypeMap()
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-        if not _has_long_1d(inferred.graph):
+        if not _has_long_1d(inferred.graph) and _data_prop_bounded(inferred.graph):
             inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # reported through TypeMap.error, counted by callers
         tm.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
