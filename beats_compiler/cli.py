@@ -356,8 +356,9 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
         if args.save_adapter:
             check_output_path(loaded, Path(args.save_adapter), external_data=False)
             own = reparam.Adapter.from_model(loaded.model, loaded.base_dir)
-            if values:
-                own.values.update({k: v for k, v in values.items() if k in own.values})
+            for given in (values, adapter.values if adapter is not None else None):  # fold's precedence
+                if given:
+                    own.values.update({k: v for k, v in given.items() if k in own.values})
         with _Status(console, args.quiet) as progress:
             result = reparam.fold(loaded, values, adapter=adapter, inputs=inputs, progress=progress, **common)
         extra = (lambda _out: own.save(args.save_adapter)) if args.save_adapter else None

@@ -49,6 +49,8 @@ class Envelope:
     input_order: list[str] = field(default_factory=list)
     # Where the model's external data references resolve (None: in memory).
     base_dir: str | None = None
+    # The input's initializer order, kept on export (new ones go last).
+    initializer_order: list[str] = field(default_factory=list)
 
 
 def _copy_list(repeated) -> list:
@@ -108,6 +110,7 @@ def to_graph(model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) 
         functions=_copy_list(model.functions),
         training_info=_copy_list(model.training_info),
         input_order=[i.name for i in model.graph.input],
+        initializer_order=[t.name for t in model.graph.initializer],
     )
     with quiet():
         graph = gs.import_onnx(model)
@@ -348,6 +351,8 @@ def to_model(graph: gs.Graph, env: Envelope, *, consume: bool = False) -> onnx.M
     model.functions.extend(env.functions)
     model.training_info.extend(env.training_info)
     g = model.graph
+    rank = {name: k for k, name in enumerate(env.initializer_order)}
+    g.initializer.sort(key=lambda t: rank.get(t.name, len(rank)))
     input_names = {i.name for i in g.input}
     for name, tensor in env.overridable.items():
         if name in input_names:

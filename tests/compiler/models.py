@@ -55,7 +55,8 @@ def rich_model() -> onnx.ModelProto:
 
 def bomb_model() -> onnx.ModelProto:
     """Constants that would fold to terabytes (ConstantOfShape, Expand, Tile,
-    Range), at the top level and inside a Loop body, feeding a cheap result.
+    Range, a shape that is a product of constants), at the top level and
+    inside a Loop body, feeding a cheap result.
     Never meant to run: compile it with verify=False."""
     one = numpy_helper.from_array(np.ones(1, np.float32))
     body = helper.make_graph(
@@ -65,7 +66,7 @@ def bomb_model() -> onnx.ModelProto:
         [vi("c_out", [], TensorProto.BOOL), vi("v_out", [])])
     nodes = [
         H("ConstantOfShape", ["big2"], ["a"], value=one),
-        H("Expand", ["one"], ["b0"]) if False else H("Expand", ["one", "big2"], ["b"]),
+        H("Expand", ["one", "big2"], ["b"]),
         H("Tile", ["row", "reps"], ["t"]),
         H("Range", ["zero", "huge", "step"], ["r"]),
         H("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
@@ -73,13 +74,18 @@ def bomb_model() -> onnx.ModelProto:
         H("ReduceMax", ["b"], ["rb"], keepdims=0),
         H("ReduceMax", ["t"], ["rt"], keepdims=0),
         H("ReduceMax", ["rf"], ["rr"], keepdims=0),
-        H("Sum", ["x", "ra", "rb", "rt", "rr"], ["s"]),
+        # 2**20 * 2**20: only data propagation would see the length, and spell it out
+        H("Mul", ["k20", "k20"], ["n40"]),
+        H("ConstantOfShape", ["n40"], ["p"], value=one),
+        H("Cast", ["p"], ["pc"], to=TensorProto.FLOAT),
+        H("ReduceMax", ["pc"], ["rp"], keepdims=0),
+        H("Sum", ["x", "ra", "rb", "rt", "rr", "rp"], ["s"]),
         H("Loop", ["trips", "", "s"], ["y"], body=body),
     ]
     inits = {
         "big2": I64(1 << 20, 1 << 20), "one": np.ones(1, np.float32), "row": np.ones((1, 1024), np.float32),
         "reps": I64(1 << 30, 1), "zero": np.array(0, np.int64), "huge": np.array(1 << 40, np.int64),
-        "step": np.array(1, np.int64), "trips": np.array(2, np.int64),
+        "step": np.array(1, np.int64), "trips": np.array(2, np.int64), "k20": I64(1 << 20),
     }
     return make_model(nodes, [vi("x", [])], [vi("y", [])], inits)
 

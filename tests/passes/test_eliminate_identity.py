@@ -137,3 +137,30 @@ def test_custom_domain_identity_kept():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("my.domain", 1)])
     out, (res,) = apply(m, EliminateIdentity())
     assert ops(out) == ["Relu", "Identity", "Neg"] and not res.modified
+
+
+def test_identity_in_branch_from_outer_value_to_branch_output_kept():
+    # The branch output may not be renamed onto a value of the enclosing graph.
+    then_g = helper.make_graph([H("Identity", ["a"], ["t"])], "then", [], [vi("t", [2])])
+    else_g = helper.make_graph([H("Neg", ["a"], ["e"])], "else", [], [vi("e", [2])])
+    m = make_model([H("Relu", ["x"], ["a"]), H("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                   [vi("x", [2]), vi("c", [], TensorProto.BOOL)], [vi("y", [2])])
+    out, (res,) = apply(m, EliminateIdentity())
+    assert not res.modified
+    branches = {a.name: [n.op_type for n in a.g.node] for a in out.graph.node[1].attribute}
+    assert branches == {"then_branch": ["Identity"], "else_branch": ["Neg"]}
+    for c in (True, False):
+        assert_same_on_ort(m, out, {"x": f32(2), "c": np.array(c)})
+
+
+def test_loop_condition_passthrough_kept_body_identity_removed():
+    body = helper.make_graph(
+        [H("Identity", ["ci"], ["co"]), H("Relu", ["v"], ["r"]), H("Identity", ["r"], ["vo"])], "body",
+        [vi("i", [], TensorProto.INT64), vi("ci", [], TensorProto.BOOL), vi("v", [2])],
+        [vi("co", [], TensorProto.BOOL), vi("vo", [2])])
+    m = make_model([H("Loop", ["n", "", "x"], ["y"], body=body)], [vi("x", [2])], [vi("y", [2])],
+                   {"n": np.array(3, np.int64)})
+    out, (res,) = apply(m, EliminateIdentity())
+    assert res.stats == {"Identity": 1}
+    assert [n.op_type for n in out.graph.node[0].attribute[0].g.node] == ["Identity", "Relu"]
+    assert_same_on_ort(m, out)

@@ -130,3 +130,52 @@ def test_infer_types_survives_long_1d_tensor():
     tm = infer_types(graph)
     assert tm.error is None
     assert tm.shapes["r"] == (1 << 40,)
+
+
+def _bomb_chains():
+    """1-D tensors whose length only data propagation computes: 2**40, 2**30, 2**40."""
+    one = numpy_helper.from_array(np.ones(1, np.float32))
+    k = {"k1": I64(1 << 20), "k2": I64(1 << 20)}
+    return {
+        # product of two constants, each harmless
+        "constant_product": ([H("Mul", ["k1", "k2"], ["n"]), H("ConstantOfShape", ["n"], ["c"], value=one)], k),
+        # a static dim times a constant
+        "shape_product": ([H("Shape", ["x"], ["s"]), H("Mul", ["s", "k2"], ["n"]),
+                           H("ConstantOfShape", ["n"], ["c"], value=one)], k),
+        # a 2-D expand squeezed to 1-D
+        "expand_squeeze": ([H("Mul", ["k1", "k2"], ["n"]), H("Concat", ["one", "n"], ["s2"], axis=0),
+                            H("Expand", ["f1", "s2"], ["e"]), H("Squeeze", ["e", "zero"], ["c"])],
+                           {**k, "one": I64(1), "zero": I64(0), "f1": np.ones(1, np.float32)}),
+    }
+
+
+def test_infer_types_bounds_data_propagation_in_a_capped_process():
+    # Each chain ends in a Cast, whose data propagator would spell out 2**40
+    # dims: a terabyte allocation in C++.  A child process with a 3 GiB cap
+    # would see it as std::bad_alloc; the inference must not even try.
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for name, (nodes, inits) in _bomb_chains().items():
+            m = make_model(nodes + [H("Cast", ["c"], ["cf"], to=TensorProto.FLOAT),
+                                    H("ReduceMax", ["cf"], ["r"], keepdims=0), H("Add", ["x", "r"], ["y"])],
+                           [vi("x", [1024])], [vi("y", [1024])], inits)
+            paths.append(str(Path(d) / f"{name}.onnx"))
+            Path(paths[-1]).write_bytes(m.SerializeToString())
+        code = textwrap.dedent(f"""
+            import resource
+            resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+            import onnx
+            from passes import infer_types, to_graph
+            for p in {paths!r}:
+                print(p.rsplit("/", 1)[-1], infer_types(to_graph(onnx.load(p))[0]).error)
+        """)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.split("\n")[:3]
+    assert [ln.split(" ", 1)[1] for ln in lines] == ["None"] * 3, proc.stdout

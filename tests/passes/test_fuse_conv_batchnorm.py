@@ -106,3 +106,18 @@ def test_shared_weight_not_changed_for_other_conv():
     out, _ = fuse(m)
     assert ops(out) == ["Conv", "Conv"]
     assert list(out.graph.node[1].input) == ["x", "w"]
+
+
+def test_bn_with_per_activation_stats_not_fused():
+    # BatchNormalization-7 with spatial=0: scale/bias/mean/var are (C, H, W),
+    # not one value per output channel.
+    c, h, w = 2, 4, 4
+    rng = np.random.default_rng(0)
+    inits = {"w": f32(c, 3, 3, 3), "sc": rng.uniform(0.5, 2, (c, h, w)).astype(np.float32),
+             "be": f32(c, h, w, seed=1), "mu": f32(c, h, w, seed=2), "va": rng.uniform(0.5, 2, (c, h, w)).astype(np.float32)}
+    m = make_model([H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+                    H("BatchNormalization", ["c", "sc", "be", "mu", "va"], ["y"], spatial=0)],
+                   [vi("x", [1, 3, h, w])], [vi("y", [1, c, h, w])], inits, opset=7)
+    out, res = fuse(m)
+    assert ops(out) == ["Conv", "BatchNormalization"] and not res.modified
+    assert res.stats.get("skipped_bn_params_not_per_channel") == 1
