@@ -13,6 +13,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from .convert import quiet
+
 # Ops whose result is not a function of their inputs: never folded or merged.
 NONDETERMINISTIC_OPS = frozenset(
     {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -55,9 +57,10 @@ _CACHE_LIMIT = 1 << 20
 
 def const_value(t: gs.Constant) -> np.ndarray:
     v = t._values
-    if isinstance(v, LazyValues) and v.nbytes > _CACHE_LIMIT:
-        return np.asarray(v.load())
-    return np.asarray(t.values)
+    with quiet():  # gs warns on stdout when it loads bfloat16 and other non-numpy types
+        if isinstance(v, LazyValues) and v.nbytes > _CACHE_LIMIT:
+            return np.asarray(v.load())
+        return np.asarray(t.values)
 
 
 def const_shape(t: gs.Constant) -> tuple[int, ...]:
@@ -67,9 +70,12 @@ def const_shape(t: gs.Constant) -> tuple[int, ...]:
 
 def const_dtype(t: gs.Constant) -> np.dtype | None:
     """The constant's numpy dtype (None for types numpy lacks), without loading it."""
+    dt = t.dtype
     try:
-        return np.dtype(t.dtype)
-    except TypeError:
+        if isinstance(dt, int):  # gs keeps types numpy lacks (bfloat16, float8) as ONNX enums
+            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt))
+        return np.dtype(dt)
+    except (TypeError, KeyError, ValueError):
         return None
 
 

@@ -28,12 +28,13 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import NameScope, const_value, is_const, is_standard, producer, replace_uses
+from .graph import NameScope, const_dtype, const_value, is_const, is_standard, producer, replace_uses
 
 RECORD_KEY = "beats.reparam"
 FORMAT_VERSION = 1
@@ -47,7 +48,14 @@ WEIGHT_SLOTS = {
     "Gather": (0, -1),
 }
 DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
-_FLOAT_TYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64)}
+_FLOAT_TYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
+
+
+def _dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and friends live in ml_dtypes
+        return np.dtype(getattr(ml_dtypes, name))
 # What exporters put between a weight and its consumer.
 _CHAIN_OPS = ("Identity", "Cast", "Transpose", "Reshape")
 
@@ -443,7 +451,9 @@ def _why_not(w: gs.Constant, uses: list[Use], rule: Rule, axis: int | None = Non
     imply; readers outside the original selection (a tied embedding's Gather)
     must not veto it."""
     try:
-        dt = np.dtype(w.dtype)
+        dt = const_dtype(w)
+        if dt is None:
+            raise TypeError
     except TypeError:
         return f"weight dtype {w.dtype} is not supported"
     if dt not in _FLOAT_TYPES:
@@ -499,13 +509,13 @@ def _insert_one(graph, w: gs.Constant, uses: list[Use], rule: Rule, names: NameS
     axis = uses[0].axis if fact != "full" else (uses[0].axis if uses[0].axis is not None else 0)
     base = w.name
     if given is not None:
-        rec = Record(weight=base, shape=shape, dtype=_np_dtype_name(w.dtype), factorization=given.factorization,
+        rec = Record(weight=base, shape=shape, dtype=const_dtype(w).name, factorization=given.factorization,
                      rank=given.rank, layout=given.layout, axis=given.axis, D=given.D, V=given.V, A=given.A,
                      B=given.B)
         for n in rec.trainable:
             names.used.add(n)
     else:
-        rec = Record(weight=base, shape=shape, dtype=_np_dtype_name(w.dtype), factorization=fact, rank=rank,
+        rec = Record(weight=base, shape=shape, dtype=const_dtype(w).name, factorization=fact, rank=rank,
                      layout=rule.layout, axis=int(axis), D=names.fresh(f"{base}.beats_D"))
         if fact == "rank":
             rec.A = names.fresh(f"{base}.beats_A")
@@ -575,7 +585,7 @@ def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, 
                 perm = list(range(len(shape) - 1))
                 perm.insert(rec.axis, len(shape) - 1)
                 dv = add("Transpose", [dv], f"{rec.weight}.beats_DVt", perm=perm)
-    wdt = np.dtype(rec.dtype)
+    wdt = _dtype(rec.dtype)
     if wdt == np.float32:
         eff = add("Add", [w, dv], f"{rec.weight}.beats_W")
     elif wdt.itemsize > 4:  # float64: widen the delta, never round W0 through float32
@@ -586,7 +596,7 @@ def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, 
         w32 = add("Cast", [w], f"{rec.weight}.beats_W0f", to=onnx.TensorProto.FLOAT)
         s = add("Add", [w32, dv], f"{rec.weight}.beats_Wf")
         eff = add("Cast", [s], f"{rec.weight}.beats_W", to=onnx_dt)
-        eff.dtype = wdt
+        eff.dtype = wdt if wdt.kind == "f" and wdt.itemsize == 2 and wdt == np.float16 else None
     rec.effective = eff.name
     first = min(_index_of(graph, n) for n in w.outputs if any(n is m for m in graph.nodes))
     mine = {id(n) for n in new}
@@ -656,7 +666,7 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
 def _as_constant(name: str, value: np.ndarray) -> gs.Constant:
     """A large folded weight is kept as its serialized tensor only (the form
     export writes), not as an array plus a serialized copy."""
-    if value.nbytes <= 1 << 20:
+    if value.nbytes <= 1 << 20 and value.dtype in (np.float16, np.float32, np.float64):
         return gs.Constant(name, value)
     return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(value, name)))
 
