@@ -137,7 +137,7 @@ def _data_prop_bounded(g: onnx.GraphProto, vals: dict | None = None, dims: dict 
         return max((d.dim_value for d in sh.dim), default=0), all(d.HasField("dim_value") for d in sh.dim), len(sh.dim)
 
     def biggest(t: onnx.TensorProto) -> int:
-        if t.data_type not in _INT_TYPES:
+        if t.data_type not in _INT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
             return 0
         return int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int64)).max(initial=0))
 
