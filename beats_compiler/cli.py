@@ -388,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"beats-compile: {kind}: {_one_line(str(exc))}", markup=False, soft_wrap=True)
         if args.debug:
             traceback.print_exc()
+        _report_error(args, cmd, exc.exit_code, _one_line(str(exc)))
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("beats-compile: interrupted", markup=False)
@@ -400,7 +401,27 @@ def main(argv: list[str] | None = None) -> int:
                   + ("" if args.debug else " (rerun with --debug for the traceback)"), markup=False, soft_wrap=True)
         if args.debug:
             traceback.print_exc()
+        _report_error(args, cmd, EXIT_INTERNAL, f"{type(exc).__name__}: {_one_line(str(exc))}")
         return EXIT_INTERNAL
+
+
+def _report_error(args, cmd: str | None, code: int, message: str) -> None:
+    """CI reads the report even when the command failed: write the error there
+    (never over the model file)."""
+    import json as _json
+
+    if not getattr(args, "report", None):
+        return
+    path = Path(args.report)
+    try:
+        if path.resolve() == Path(args.model).resolve() or (path.exists() and not path.is_file()):
+            return
+        from .io import atomic_write_bytes
+
+        body = {"command": cmd or "compile", "input": args.model, "verified": None, "exit_code": code, "error": message}
+        atomic_write_bytes(path, (_json.dumps(body, indent=2) + "\n").encode())
+    except Exception:  # the error itself was already reported on stderr
+        pass
 
 
 def _one_line(text: str) -> str:

@@ -86,7 +86,7 @@ class _Session:
 
         self._tmp: str | None = None
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # ORT's own error lines would break the one-line error
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if path is not None:
