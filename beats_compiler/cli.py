@@ -414,7 +414,12 @@ def _report_error(args, cmd: str | None, code: int, message: str) -> None:
         return
     path = Path(args.report)
     try:
-        if path.resolve() == Path(args.model).resolve() or (path.exists() and not path.is_file()):
+        from .io import default_output_path
+
+        taken = {Path(args.model).resolve(), default_output_path(args.model).resolve()}
+        if args.output:
+            taken.add(Path(args.output).resolve())
+        if path.resolve() in taken or (path.exists() and not path.is_file()) or not path.parent.is_dir():
             return
         from .io import atomic_write_bytes
 
