@@ -229,3 +229,13 @@ def test_model_that_onnx_runtime_cannot_run_is_input_error(tmp_path):
     assert listing(tmp_path) == ["custom.onnx"]
     assert cli(p, "--no-verify", "-q").returncode == 0
     assert listing(tmp_path) == ["custom.beats.onnx", "custom.onnx"]
+
+
+def test_report_records_the_error_for_ci(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model at all")
+    report = tmp_path / "r.json"
+    assert_one_line_error(cli(bad, "--report", report), 2, "not an ONNX model")
+    body = json.loads(report.read_text())
+    assert body["exit_code"] == 2 and body["verified"] is None and "not an ONNX model" in body["error"]
+    assert listing(tmp_path) == ["bad.onnx", "r.json"]
