@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .graph import NameScope, const_value, is_const, is_standard, iter_graphs, remove_nodes
+from .graph import NameScope, const_value, is_const, is_standard, iter_graphs
 
 
 class InlineConstantIf(Pass):
