@@ -8,12 +8,10 @@ import sys
 import tempfile
 import textwrap
 
-import numpy as np
 import onnx
 import pytest
 from onnx import helper
 
-import beats_compiler
 from beats_compiler import CompileResult, InputError, compile
 from beats_compiler.targets import PASSES
 from tests.compiler.models import bomb_model, rich_model

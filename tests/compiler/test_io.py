@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
 from beats_compiler import InputError, compile, load_model, save_model
 from beats_compiler import io as bio

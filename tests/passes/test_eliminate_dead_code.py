@@ -1,7 +1,7 @@
 """eliminate_dead_code: nodes no output depends on, and their initializers."""
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import helper
 
 from passes import EliminateDeadCode
 from tests.helpers import apply, assert_same_on_ort, f32, init_names, make_model, ops, vi

@@ -2,7 +2,6 @@
 and the size limits that keep "bombs" unfolded (and never materialized)."""
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
