@@ -134,7 +134,7 @@ def _substitute(graph: gs.Graph, values: Mapping[str, np.ndarray], names: set[st
     for name in names:
         if name in values and isinstance(tensors.get(name), gs.Constant):
             old = tensors[name]
-            new = gs.Constant(name, np.ascontiguousarray(np.asarray(values[name], dtype=old.dtype)))
+            new = gs.Constant(name, np.require(np.asarray(values[name], dtype=old.dtype), requirements="C"))
             for node in list(old.outputs):
                 for i, t in enumerate(node.inputs):
                     if t is old:

@@ -216,7 +216,8 @@ class FoldConstants(Pass):
                 return "dtype_mismatch"
             if value.nbytes > max(out_bytes, 1) and value.nbytes > self.max_output_bytes:
                 return "size_limit"
-        folded = [(out, np.ascontiguousarray(v)) for out, v in zip(node.outputs, results) if out.name]
+        # np.require, not np.ascontiguousarray: that one turns a 0-d result into shape (1,)
+        folded = [(out, np.require(v, requirements="C")) for out, v in zip(node.outputs, results) if out.name]
         if len(folded) == 1:
             replace_with_constant(g, node, folded[0][0], folded[0][1])
         else:

@@ -202,10 +202,38 @@ def _pair_subgraphs(node: gs.Node, pnode: onnx.NodeProto, fn) -> None:
 
 def export(graph: gs.Graph, **make_model_kwargs) -> onnx.ModelProto:
     """gs's export, plus the value types gs cannot represent (see ``_import_fixups``)."""
-    with quiet():
-        model = gs.export_onnx(graph, do_type_check=False, **make_model_kwargs)
+    # gs exports an imported tensor by writing the Constant's name into the
+    # *source* TensorProto; an attribute's unnamed tensor would get `name: ""`
+    # in the caller's model.  Those protos get their missing name back after.
+    unnamed = [a._values.tensor for g in [graph, *graph.subgraphs(recursive=True)] for n in g.nodes
+               for a in n.attrs.values() if isinstance(a, gs.Constant) and isinstance(a._values, LazyValues)
+               and not a._values.tensor.HasField("name")]
+    try:
+        with quiet():
+            model = gs.export_onnx(graph, do_type_check=False, **make_model_kwargs)
+    finally:
+        for t in unnamed:
+            t.ClearField("name")
     _restore_types(graph, model.graph)
+    _clear_empty_tensor_names(model.graph)
     return model
+
+
+def _clear_empty_tensor_names(graph: onnx.GraphProto) -> None:
+    """gs writes ``name: ""`` into the unnamed tensors of attributes (a
+    Constant's ``value``); absent and empty mean the same, so drop the field:
+    a model that passes through unchanged keeps its bytes."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                if attr.t.HasField("name") and not attr.t.name:
+                    attr.t.ClearField("name")
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                for t in attr.tensors:
+                    if t.HasField("name") and not t.name:
+                        t.ClearField("name")
+    for sub in _subgraphs(graph):
+        _clear_empty_tensor_names(sub)
 
 
 def export_skeleton(graph: gs.Graph, const_limit: int) -> onnx.ModelProto:

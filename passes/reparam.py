@@ -56,6 +56,9 @@ def _dtype(name: str) -> np.dtype:
         return np.dtype(name)
     except TypeError:  # bfloat16 and friends live in ml_dtypes
         return np.dtype(getattr(ml_dtypes, name))
+# The inserted Add/Mul broadcast numpy-style from opset 7 on (before it they need
+# ``broadcast``/``axis`` attributes, and ONNX Runtime has no kernels for them).
+MIN_OPSET = 7
 # What exporters put between a weight and its consumer.
 _CHAIN_OPS = ("Identity", "Cast", "Transpose", "Reshape")
 
@@ -392,6 +395,9 @@ def insert(graph: gs.Graph, policy: Policy, records: list[Record],
     """Insert D/V for every weight the policy selects (or, with ``only``, for
     exactly those records, with initial ``values``: unfold).  Returns all
     records (old and new) and what happened."""
+    if graph.opset is not None and graph.opset < MIN_OPSET:
+        raise ReparamError(f"the model imports opset {graph.opset} of the default domain; inserting needs "
+                           f"opset >= {MIN_OPSET} (convert it first, e.g. with onnx.version_converter)")
     stats = InsertStats()
     done = {r.weight for r in records}
     taken = set(done)

@@ -128,6 +128,19 @@ def test_shape_and_cast_of_constant_folded():
     np.testing.assert_array_equal(numpy_helper.to_array(out.graph.initializer[0]), np.array([5, 7], np.float32))
 
 
+def test_scalar_result_keeps_rank_zero():
+    # Shape -> Slice -> Squeeze -> Unsqueeze -> Concat, as the TorchScript exporter
+    # writes GPT-2's view sizes: a folded 0-d Squeeze result must stay 0-d, or the
+    # Unsqueeze makes [[32]] and ORT rejects the Concat of ranks 1 and 2.
+    m = make_model([H("Squeeze", ["d", "ax"], ["s"]), H("Unsqueeze", ["s", "ax"], ["u"]),
+                    H("Concat", ["m1", "u"], ["shape"], axis=0), H("Reshape", ["x", "shape"], ["y"])],
+                   [vi("x", [2, 32])], [vi("y", [2, 32])], {"d": I64(32), "ax": I64(0), "m1": I64(-1)})
+    out, _ = fold(m)
+    assert ops(out) == ["Reshape"]
+    inits = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    np.testing.assert_array_equal(inits["shape"], I64(-1, 32))
+
+
 def test_random_ops_never_folded():
     m = make_model([H("RandomNormalLike", ["a"], ["r"], seed=1.0), H("Add", ["x", "r"], ["y"])],
                    [vi("x", [3])], [vi("y", [3])], {"a": f32(3)})

@@ -651,6 +651,34 @@ def test_selection_matching_nothing():
         assert "the selection matches no weight" in one_line(e)
 
 
+def test_insert_needs_opset_7():
+    # Before opset 7, Add/Mul broadcast only with attributes and ONNX Runtime has
+    # no kernels for them: insert would write a model nothing can run.
+    m = make_model([H("MatMul", ["x", "w"], ["y"], name="mm")], [vi("x", [3, 32])], [vi("y", [3, 48])],
+                   {"w": f32(32, 48)}, opset=6)
+    for fn in (lambda: api.insert(m, policy(matmul(), "full"), verify=False),
+               lambda: api.unfold(m, api.Adapter.from_model(inserted("matmul", "full", "weight")[1].model),
+                                  verify=False)):
+        with pytest.raises(InputError) as e:
+            fn()
+        assert "opset 6" in one_line(e) and "opset >= 7" in one_line(e)
+
+
+def test_fold_of_insert_keeps_constant_node_bytes():
+    # A Constant node's unnamed value tensor must come back without a `name: ""`
+    # field, in the result and in the caller's model: fold(insert(m)) has the
+    # original's node bytes (TorchScript exports), and insert mutates nothing.
+    m = make_model([H("Constant", [], ["s"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+                    H("MatMul", ["x", "w"], ["t"], name="mm"), H("Mul", ["t", "s"], ["y"], name="mul")],
+                   [vi("x", ["N", 32])], [vi("y", ["N", 48])], {"w": f32(32, 48)})
+    m.graph.node[0].attribute[0].t.ClearField("name")
+    given = m.SerializeToString(deterministic=True)
+    res = api.insert(m, rp.Policy((rp.Rule(factorization="full"),)), verify=False)
+    assert m.SerializeToString(deterministic=True) == given  # gs wrote `name: ""` into the caller's tensor
+    folded = api.fold(res.model, verify=False)
+    assert node_bytes(folded.model) == node_bytes(m)
+
+
 def test_rank_too_large_names_the_max():
     case = matmul()
     with pytest.raises(InputError) as e:
