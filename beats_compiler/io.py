@@ -258,19 +258,19 @@ def _repeated(fd) -> bool:
     return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
 
 
-def _graph_shell(g: onnx.GraphProto) -> onnx.GraphProto:
-    """A copy of ``g`` without its initializers (the heavy part)."""
-    shell = onnx.GraphProto()
-    for fd, value in g.ListFields():
-        if fd.name == "initializer":
+def _copy_except(src, skip: str):
+    """A copy of the message ``src`` without its field ``skip``."""
+    dst = type(src)()
+    for fd, value in src.ListFields():
+        if fd.name == skip:
             continue
         if _repeated(fd):
-            getattr(shell, fd.name).extend(value)
+            getattr(dst, fd.name).extend(value)
         elif fd.message_type is not None:
-            getattr(shell, fd.name).CopyFrom(value)
+            getattr(dst, fd.name).CopyFrom(value)
         else:
-            setattr(shell, fd.name, value)
-    return shell
+            setattr(dst, fd.name, value)
+    return dst
 
 
 def _nested_tensors(g: onnx.GraphProto):
@@ -287,18 +287,9 @@ def _nested_tensors(g: onnx.GraphProto):
 
 
 def _model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without its top-level initializers."""
-    shell = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name == "graph":
-            continue
-        if _repeated(fd):
-            getattr(shell, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(shell, fd.name).CopyFrom(value)
-        else:
-            setattr(shell, fd.name, value)
-    shell.graph.CopyFrom(_graph_shell(model.graph))
+    """A copy of ``model`` without its top-level initializers (the heavy part)."""
+    shell = _copy_except(model, "graph")
+    shell.graph.CopyFrom(_copy_except(model.graph, "initializer"))
     return shell
 
 
