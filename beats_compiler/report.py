@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 import onnx
 from onnx import external_data_helper
 
+from passes.convert import proto_subgraphs
+
 
 @dataclass
 class ModelStats:
@@ -31,12 +33,8 @@ class ModelStats:
                 weight += _tensor_bytes(t)
             for n in g.node:
                 hist[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"] += 1
-                for a in n.attribute:
-                    if a.type == onnx.AttributeProto.GRAPH:
-                        walk(a.g)
-                    elif a.type == onnx.AttributeProto.GRAPHS:
-                        for sub in a.graphs:
-                            walk(sub)
+            for sub in proto_subgraphs(g):
+                walk(sub)
 
         walk(model.graph)
         return cls(sum(hist.values()), inits, weight, dict(sorted(hist.items())))

@@ -232,7 +232,7 @@ def _clear_empty_tensor_names(graph: onnx.GraphProto) -> None:
                 for t in attr.tensors:
                     if t.HasField("name") and not t.name:
                         t.ClearField("name")
-    for sub in _subgraphs(graph):
+    for sub in proto_subgraphs(graph):
         _clear_empty_tensor_names(sub)
 
 
@@ -280,11 +280,12 @@ def _dedupe_outer_initializers(graph: onnx.GraphProto, outer: set[str]) -> None:
     for node in graph.node:
         scope.update(node.output)
     _hoist_shared_initializers(graph, scope)
-    for sub in _subgraphs(graph):
+    for sub in proto_subgraphs(graph):
         _dedupe_outer_initializers(sub, scope)
 
 
-def _subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+def proto_subgraphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The If/Loop/Scan bodies held directly by ``graph``'s nodes."""
     subs = []
     for node in graph.node:
         for attr in node.attribute:
@@ -302,7 +303,7 @@ def _hoist_shared_initializers(graph: onnx.GraphProto, scope: set[str]) -> None:
     here instead; the copies are then dropped as outer-scope names."""
     found: dict[str, list[onnx.TensorProto]] = {}
     defined: set[str] = set()
-    stack = _subgraphs(graph)
+    stack = proto_subgraphs(graph)
     while stack:
         g = stack.pop()
         for t in g.initializer:
@@ -310,7 +311,7 @@ def _hoist_shared_initializers(graph: onnx.GraphProto, scope: set[str]) -> None:
         defined.update(i.name for i in g.input)
         for node in g.node:
             defined.update(node.output)
-        stack.extend(_subgraphs(g))
+        stack.extend(proto_subgraphs(g))
     for name, copies in found.items():
         if len(copies) < 2 or name in scope or name in defined:
             continue

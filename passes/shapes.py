@@ -10,7 +10,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .convert import export_skeleton
+from .convert import export_skeleton, proto_subgraphs
 from .graph import const_dtype, const_shape, const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
 
 Dim = int | str | None
@@ -92,13 +92,8 @@ def _collect(g: onnx.GraphProto, tm: TypeMap) -> None:
     for t in g.initializer:
         tm.elem[t.name] = t.data_type
         tm.shapes[t.name] = tuple(int(d) for d in t.dims)
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                _collect(a.g, tm)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sub in a.graphs:
-                    _collect(sub, tm)
+    for sub in proto_subgraphs(g):
+        _collect(sub, tm)
 
 
 def _has_long_1d(g: onnx.GraphProto) -> bool:
