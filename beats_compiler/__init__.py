@@ -1,5 +1,11 @@
 """beats-compile: a verified graph-rewriting compiler for ONNX models."""
 
+import os as _os
+
+# onnxruntime's import writes a telemetry session file ($TMPDIR/.ses) that
+# nothing removes; beats-compile leaves no file behind in the temp folder.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from .api import CompileResult, InternalError, compile
 from .errors import BeatsError, InputError, VerificationError
 from .io import load_model, save_model

@@ -19,6 +19,7 @@ from passes.convert import quiet, uses_external_refs
 from .errors import BeatsError, InputError
 from .io import LoadedModel, check_model, load_model, serialized_size
 from .report import CompileReport, ModelStats
+from .validate import Limits, check_verify_inputs, validate_model
 from .targets import PipelineOptions, build_passes, get_target
 from .verify import Verification, verify as run_verification
 
@@ -38,6 +39,7 @@ class CompileResult:
     # Set when ``model`` still references external data files (inputs that
     # used external data are read lazily): those references resolve here.
     base_dir: Path | None = None
+    precompiled: bytes | None = None  # npu --precompile: the EPContext model
 
     def save(self, path: str | os.PathLike, *, external_data: bool = False):
         """Write the model atomically (external data streamed from ``base_dir``)."""
@@ -68,6 +70,10 @@ def _as_loaded(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> tupl
     if isinstance(model, LoadedModel):
         return model.model, model
     if isinstance(model, onnx.ModelProto):
+        validate_model(model, Limits())
+        if uses_external_refs(model):
+            raise InputError("an in-memory model references external data files: load it with "
+                             "beats_compiler.load_model(path) instead")
         check_model(model)
         return model, None
     if isinstance(model, (str, os.PathLike)):
@@ -114,6 +120,8 @@ def transform(
     profile = get_target(target)
     say("loading model")
     original, loaded = _as_loaded(model)
+    if verify and inputs is None:
+        check_verify_inputs(original, str(loaded.path) if loaded is not None else "model")
     before = ModelStats.of(original)
     base_dir = loaded.base_dir if loaded is not None else None
     try:
@@ -186,6 +194,23 @@ def transform(
     return CompileResult(result, report, base_dir if uses_external_refs(result) else None)
 
 
+def _limit_warnings(records, options: PipelineOptions) -> list[str]:
+    """One warning per fold limit that stopped a fold, naming its flag."""
+    skipped: dict[str, int] = {}
+    for r in records:
+        for k, v in r.stats.items():
+            if k in ("skipped_growth_limit", "skipped_size_limit", "skipped_memory_limit"):
+                skipped[k] = max(skipped.get(k, 0), v)
+    text = {
+        "skipped_growth_limit": f"would each add more than {options.fold_size_limit} bytes (raise with --fold-size-limit)",
+        "skipped_size_limit": f"would each create a tensor over {min(options.fold_max_tensor, options.fold_memory_limit)} "
+                              "bytes (raise with --fold-memory-limit)",
+        "skipped_memory_limit": f"would take constant folding over {options.fold_memory_limit} bytes in all "
+                                "(raise with --fold-memory-limit)",
+    }
+    return [f"{n} constant fold(s) skipped: they {text[k]}" for k, n in skipped.items()]
+
+
 def compile(  # noqa: A001 - the product's verb
     model: onnx.ModelProto | LoadedModel | str | os.PathLike,
     target: str = "cpu",
@@ -200,17 +225,56 @@ def compile(  # noqa: A001 - the product's verb
     check_each_pass: bool = False,
     measure_latency: bool = True,
     progress: Progress | None = None,
+    strict: bool = False,
+    fold_memory_limit: int | None = None,
+    input_shapes: Mapping[str, Iterable[int]] | None = None,
+    calib: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    fp32_ops: Iterable[str] = (),
+    precompile: bool = False,
+    activation_type: str = "uint8",
+    weight_type: str = "uint8",
+    per_channel: bool = False,
+    min_cosine: float | None = None,
 ) -> CompileResult:
     """Optimize ``model`` for ``target`` and (unless ``verify=False``) prove on
     ONNX Runtime that the result computes the same outputs.
 
-    Touches no file except reading ``model`` when it is a path.  Never raises
-    for a verification mismatch: ``result.report.verified`` is then False.
-    Raises ``InputError`` for bad input and ``InternalError`` for a bug.
+    Touches no file except reading ``model`` (and ``calib``) when it is a path.
+    Never raises for a verification mismatch: ``result.report.verified`` is
+    then False (also when ``strict`` and a node falls back off the target's
+    provider).  Raises ``InputError`` for bad input and ``InternalError`` for a bug.
+
+    gpu: ``fp32_ops`` extends the fp16 block list.  npu: ``input_shapes``
+    fixes dynamic dims; ``calib`` is an .npz path or a dict of arrays stacked
+    on a first (sample) axis, or "random"; ``precompile`` adds an EPContext
+    model (``result.precompiled``); ``min_cosine`` overrides the profile's bar.
     """
-    say = progress or (lambda _msg: None)
     profile = get_target(target)
-    options = PipelineOptions() if fold_size_limit is None else PipelineOptions(fold_size_limit=fold_size_limit)
+    if profile.convert == "none":
+        given = [flag for flag, v in (("--input-shape", input_shapes), ("--calib", calib), ("--fp32-ops", list(fp32_ops)),
+                                      ("--precompile", precompile)) if v]
+        if given:
+            raise InputError(f"{', '.join(given)}: not used by target {profile.name} (see --target gpu|npu)")
+        knobs = {k: v for k, v in (("fold_size_limit", fold_size_limit), ("fold_memory_limit", fold_memory_limit))
+                 if v is not None}
+        return _optimize(model, profile, PipelineOptions(**knobs), verify=verify, inputs=inputs, rtol=rtol,
+                         atol=atol, disable=disable, max_rounds=max_rounds, check_each_pass=check_each_pass,
+                         measure_latency=measure_latency, progress=progress)
+    from .lowering import compile_lowered
+
+    return compile_lowered(
+        model, profile, verify=verify, inputs=inputs, rtol=rtol, atol=atol, disable=disable, max_rounds=max_rounds,
+        fold_size_limit=fold_size_limit, check_each_pass=check_each_pass, measure_latency=measure_latency,
+        progress=progress, strict=strict, input_shapes=input_shapes, calib=calib, fp32_ops=fp32_ops,
+        precompile=precompile, activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
+        min_cosine=min_cosine,
+    )
+
+
+def _optimize(model, profile, options: PipelineOptions, *, verify, inputs, rtol, atol, disable, max_rounds,
+              check_each_pass, measure_latency, progress) -> CompileResult:
+    """The target's fp32 pipeline through ``transform``."""
+    say = progress or (lambda _msg: None)
     env_box: list = []
     try:
         manager = PassManager(
@@ -231,8 +295,11 @@ def compile(  # noqa: A001 - the product's verb
         except PassError as exc:
             if isinstance(exc.cause, BeatsError):
                 raise exc.cause from None
+            if isinstance(exc.cause, ValueError) and exc.pass_name == "fix_input_shapes":
+                raise InputError(str(exc.cause)) from None
             raise InternalError(str(exc)) from exc
-        return _Edit(records=run.records, rounds=run.rounds, converged=run.converged)
+        return _Edit(records=run.records, rounds=run.rounds, converged=run.converged,
+                     warnings=_limit_warnings(run.records, options))
 
-    return transform(model, "compile", optimize, target=target, verify=verify, inputs=inputs, rtol=rtol,
+    return transform(model, "compile", optimize, target=profile.name, verify=verify, inputs=inputs, rtol=rtol,
                      atol=atol, measure_latency=measure_latency, progress=progress)

@@ -50,6 +50,26 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                    help="write weights to <output>.data (automatic over 2 GB or when the input used external data)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    p.add_argument("--max-nodes", type=_count, default=None, metavar="N",
+                   help="refuse models with more than N nodes in all graphs (default 1000000)")
+    p.add_argument("--max-depth", type=_count, default=None, metavar="N",
+                   help="refuse models whose subgraphs nest more than N deep (default 16)")
+
+
+def _count(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return v
+
+
+def _limits(args: argparse.Namespace):
+    from .validate import DEFAULT_MAX_DEPTH, DEFAULT_MAX_NODES, Limits
+
+    return Limits(max_nodes=args.max_nodes or DEFAULT_MAX_NODES, max_depth=args.max_depth or DEFAULT_MAX_DEPTH)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,21 +78,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="beats-compile",
         description="Optimize an ONNX model for a target and prove on ONNX Runtime that it computes the same function. "
-                    "Subcommands: `beats-compile insert|fold|unfold MODEL ...` (see `beats-compile insert --help`).",
+                    "Subcommands: `beats-compile insert|fold|unfold MODEL ...` (see `beats-compile insert --help`), "
+                    "`beats-compile artifacts|train ...` (ONNX Runtime training of D/V).",
         epilog="Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error.",
     )
     _common(p, "<stem>.beats.onnx")
     p.add_argument("--target", default="cpu", choices=sorted(TARGETS), help="deployment target (default: cpu)")
+    p.add_argument("--no-latency", action="store_true",
+                   help="verify, but skip the latency measurement (up to 2 s of alternating ORT runs)")
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
                    help=f"skip a pass (repeatable): {', '.join(PASSES)}")
     p.add_argument("--fold-size-limit", type=_size, metavar="BYTES",
                    help="most bytes one constant fold may add to the model (default 4M); larger folds are skipped")
+    p.add_argument("--fold-memory-limit", type=_size, metavar="BYTES",
+                   help="most bytes constant folding may allocate in all (default 1G); further folds are skipped")
     p.add_argument("--max-rounds", type=int, default=8, help="cap on pass-manager rounds (default 8)")
     p.add_argument("--check-each-pass", action="store_true", help="run the ONNX checker after every pass that changes the graph")
+    t = p.add_argument_group("gpu and npu targets")
+    t.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) when any node falls back off the target's provider")
+    t.add_argument("--fp32-ops", default="", metavar="OP,OP",
+                   help="gpu: ops to keep in fp32 besides the built-in block list")
+    t.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...", type=_input_shape,
+                   help="npu: static shape of an input (repeatable); default: from --calib or --inputs samples")
+    t.add_argument("--calib", metavar="DATA.npz|random",
+                   help="npu: calibration samples (per input, stacked on a first axis; a quarter is held out "
+                        "for the accuracy check), or 'random' (accuracy on real data then unknown)")
+    t.add_argument("--activation-type", default="uint8", choices=("uint8", "uint16"), help="npu: activation type (default uint8)")
+    t.add_argument("--weight-type", default="uint8", choices=("uint8", "int8"), help="npu: weight type (default uint8)")
+    t.add_argument("--per-channel", action="store_true", help="npu: per-channel weights (Conv; MatMul/Gemm as int8 symmetric per output channel)")
+    t.add_argument("--min-cosine", type=_positive_float, metavar="C",
+                   help="npu: least cosine similarity to fp32 on held-out inputs (default 0.99)")
+    t.add_argument("--precompile", action="store_true",
+                   help="npu: also write <stem>.ctx.onnx, an EPContext model holding the compiled QNN HTP context")
     return p
 
 
+def _input_shape(text: str) -> tuple[str, list[int]]:
+    name, sep, dims = text.rpartition("=")
+    try:
+        values = [int(d) for d in dims.split(",")]
+    except ValueError:
+        values = []
+    if not sep or not name or not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"not NAME=D0,D1,... with positive dims: {text!r}")
+    return name, values
+
+
 SUBCOMMANDS = ("insert", "fold", "unfold")
+TRAINING_SUBCOMMANDS = ("artifacts", "train")
 
 
 def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
@@ -162,12 +216,19 @@ def _print_summary(console, report) -> None:
     delta = {k: v for k, v in delta.items() if v}
     if delta:
         console.print("ops: " + ", ".join(f"{k} {v:+d}" for k, v in delta.items()))
+    _print_legality(console, report)
     if report.verified is None:
         console.print("[yellow]verification skipped (--no-verify)[/]")
+    elif report.verified and report.target == "npu" and report.command == "compile":
+        console.print(f"[green]verified[/] on the QNN HTP backend ({report.verify_input_source})")
+        for o in report.outputs:
+            console.print(f"  output {o['name']}: {o['detail']}")
     elif report.verified:
         console.print(f"[green]verified[/] on ONNX Runtime ({report.verify_input_source} inputs): "
                       f"max abs diff {report.max_abs_diff:.3g}, max rel diff {report.max_rel_diff:.3g} "
                       f"(rtol {report.rtol:g}, atol {report.atol:g})")
+    elif report.legality and report.legality.get("strict") and not report.legality.get("ok"):
+        console.print("[red bold]--strict: nodes fall back off the target's provider (see above)[/]")
     else:
         console.print("[red bold]verification FAILED[/]")
         for o in report.outputs:
@@ -175,6 +236,22 @@ def _print_summary(console, report) -> None:
                 console.print(f"  output {o['name']}: max abs diff {o['max_abs_diff']:.3g} {o['detail']}")
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
+
+
+def _print_legality(console, report) -> None:
+    leg = getattr(report, "legality", None)
+    if not leg:
+        return
+    where = "QNN HTP session" if leg["source"] == "qnn-session" else "static check"
+    console.print(f"legality ({where}): {leg['nodes_on_target']}/{leg['nodes_total']} nodes on the target "
+                  f"({100 * leg['fraction_on_target']:.1f}%), compute nodes {leg['compute_nodes_on_target']}/"
+                  f"{leg['compute_nodes_total']}")
+    for issue in leg["fallback"]:
+        console.print(f"  [yellow]not taken[/] {issue['node']} ({issue['op']}): {'; '.join(issue['reasons'])}")
+    for issue in leg["expected_fallback"]:
+        console.print(f"  on CPU by design: {issue['node']} ({issue['op']})")
+    for note in leg["notes"]:
+        console.print(f"  note: {note}")
 
 
 def _print_reparam(console, info: dict | None) -> None:
@@ -213,7 +290,7 @@ def _prepare(args: argparse.Namespace, default_suffix: str):
         out = default_output_path(args.model)
         out = out.with_name(out.name.replace(".beats.onnx", default_suffix))
     report_path = Path(args.report) if args.report else None
-    loaded = load_model(args.model, lazy=True)
+    loaded = load_model(args.model, lazy=True, limits=_limits(args))
     external = args.external_data or loaded.uses_external_data
     check_output_path(loaded, out, external_data=external)
     if report_path is not None:
@@ -259,7 +336,9 @@ def _finish(args, console, result, out: Path, report_path: Path | None, external
         if exit_code == EXIT_OK:
             console.print(f"wrote {out}" + (f" (+ {out.name}.data)" if external else ""))
         else:
-            console.print("[red]nothing written: the result does not match the original[/]")
+            leg = getattr(report, "legality", None)
+            console.print("[red]nothing written: " + ("--strict legality failed[/]" if leg and leg.get("strict") and not leg.get("ok")
+                                                       else "the result does not match the original[/]"))
     return exit_code
 
 
@@ -270,21 +349,51 @@ def run_compile(args: argparse.Namespace, console) -> int:
     loaded, out, report_path, external, inputs = _prepare(args, ".beats.onnx")
     if args.max_rounds < 1:
         raise InputError("--max-rounds must be at least 1")
+    shapes = dict(args.input_shape)
+    if len(shapes) != len(args.input_shape):
+        raise InputError("--input-shape: an input is given twice")
+    ctx_path = None
+    if args.precompile:
+        from .io import check_output_path
+
+        ctx_path = out.with_name((out.name[:-5] if out.name.endswith(".onnx") else out.name) + ".ctx.onnx")
+        check_output_path(loaded, ctx_path, external_data=False)
     with _Status(console, args.quiet) as progress:
         result = api.compile(
             loaded,
             args.target,
             verify=not args.no_verify,
+            measure_latency=not args.no_latency,
             inputs=inputs,
             rtol=args.rtol,
             atol=args.atol,
             disable=args.disable_pass,
             max_rounds=args.max_rounds,
             fold_size_limit=args.fold_size_limit,
+            fold_memory_limit=args.fold_memory_limit,
             check_each_pass=args.check_each_pass,
             progress=progress,
+            strict=args.strict,
+            input_shapes=shapes or None,
+            calib=args.calib,
+            fp32_ops=[o for o in args.fp32_ops.split(",") if o.strip()],
+            precompile=args.precompile,
+            activation_type=args.activation_type,
+            weight_type=args.weight_type,
+            per_channel=args.per_channel,
+            min_cosine=args.min_cosine,
         )
-    return _finish(args, console, result, out, report_path, external)
+
+    def write_ctx(_out: Path) -> None:
+        from .io import atomic_write_bytes
+
+        if ctx_path is not None and result.precompiled is not None:
+            atomic_write_bytes(ctx_path, result.precompiled)
+            result.report.target_details.setdefault("precompiled", {})["path"] = str(ctx_path)
+            if not args.quiet:
+                console.print(f"wrote {ctx_path} (EPContext, QNN HTP)")
+
+    return _finish(args, console, result, out, report_path, external, write_ctx)
 
 
 def _policy(args: argparse.Namespace):
@@ -374,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_SUBCOMMANDS:  # ORT training: beats_compiler/training/cli.py
+        from .training.cli import main as training_main
+
+        return training_main(argv)
     cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else None
     parser = build_reparam_parser(cmd) if cmd else build_parser()
     args = parser.parse_args(argv[1:] if cmd else argv)

@@ -12,9 +12,10 @@ import onnx
 import numpy as np
 from onnx import external_data_helper, numpy_helper
 
-from passes.convert import uses_external_refs
+from passes.convert import ExternalDataError, check_external, open_external, read_external, uses_external_refs
 
 from .errors import InputError
+from .validate import Limits, read_model_file, validate_model
 
 PROTOBUF_LIMIT = 2**31 - 1  # serialized protobuf messages cannot exceed 2 GB
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
@@ -48,52 +49,59 @@ def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
 
 
 def _resolve_external(base: Path, tensor: onnx.TensorProto) -> Path:
-    info = external_data_helper.ExternalDataInfo(tensor)
-    loc = info.location
-    if not loc:
-        raise InputError(f"tensor {tensor.name!r}: external data has no location")
-    rel = Path(loc)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise InputError(f"tensor {tensor.name!r}: external data location {loc!r} is outside the model's folder")
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base.resolve()):
-        raise InputError(f"tensor {tensor.name!r}: external data location {loc!r} leads outside the model's folder")
-    if not target.is_file():
-        raise InputError(f"tensor {tensor.name!r}: external data file {loc!r} is missing or not a regular file")
-    size = target.stat().st_size
-    offset = info.offset or 0
-    if info.length is not None and offset + info.length > size or offset > size:
-        raise InputError(f"tensor {tensor.name!r}: external data range lies beyond the end of {loc!r}")
-    return target
-
-
-def load_model(path: str | os.PathLike, *, lazy: bool = False) -> LoadedModel:
-    """Read a model file or raise ``InputError``.  External data is checked
-    (inside the model's folder, in range) and, with ``lazy``, left on disk:
-    the model keeps references, read one tensor at a time when needed."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if not p.is_file():
-        raise InputError(f"{p}: not a regular file")
-    size = p.stat().st_size
-    if size == 0:
-        raise InputError(f"{p}: empty file, not an ONNX model")
+    """The checked data file of ``tensor`` (see ``passes.convert.check_external``)."""
     try:
-        model = onnx.load_model(str(p), load_external_data=False)
-    except Exception as exc:
-        raise InputError(f"{p}: not an ONNX model ({_first_line(exc)})") from None
-    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
-        raise InputError(f"{p}: not an ONNX model (no graph, IR version or opset import)")
+        return Path(check_external(tensor, base)[0])
+    except ExternalDataError as exc:
+        raise InputError(f"tensor {tensor.name!r}: {exc}") from None
+
+
+def _all_external_tensors(model: onnx.ModelProto):
+    """Every tensor with external data, wherever it sits: graphs, subgraphs,
+    attributes, sparse tensors, functions, training info."""
+    stack = [model]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, onnx.TensorProto):
+            if msg.data_location == onnx.TensorProto.EXTERNAL:
+                yield msg
+            continue
+        for fd, value in msg.ListFields():
+            if fd.message_type is None:
+                continue
+            if _repeated(fd):
+                stack.extend(value)
+            else:
+                stack.append(value)
+
+
+def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | None = None) -> LoadedModel:
+    """Read a model file or raise ``InputError``: the file is parsed and
+    validated (``beats_compiler.validate``), external data is checked
+    (inside the model's folder, a regular file, in range, the size its dims
+    call for) and, with ``lazy``, left on disk: the model keeps references,
+    read one tensor at a time when needed."""
+    p = Path(path)
+    model, size = read_model_file(p)
+    validate_model(model, limits or Limits(), str(p))
     base = p.parent
     files: dict[Path, None] = {}
-    for t in _external_tensors(model):
+    tensors = list(_all_external_tensors(model))
+    in_graph = {id(t) for t in _external_tensors(model)}
+    for t in tensors:
+        if id(t) not in in_graph:
+            raise InputError(f"{p}: tensor {t.name!r}: external data outside the graph's initializers and "
+                             "attributes (a function, sparse tensor or training info) is not supported")
         files[_resolve_external(base, t)] = None
-    if files and not lazy:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(base))
-        except Exception as exc:
-            raise InputError(f"{p}: cannot read external data ({_first_line(exc)})") from None
+    if tensors and not lazy:
+        for t in tensors:
+            try:
+                data = read_external(t, base)
+            except (ExternalDataError, OSError) as exc:
+                raise InputError(f"{p}: tensor {t.name!r}: cannot read external data ({exc})") from None
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
     total = size + sum(f.stat().st_size for f in files)
     _check(model, p)
     return LoadedModel(model=model, path=p, file_bytes=total, external_files=list(files))
@@ -105,10 +113,35 @@ def serialized_size(model: onnx.ModelProto) -> int | None:
     if inline >= PROTOBUF_LIMIT:  # sizing would encode the whole model only to fail
         return None
     try:
-        size = model.ByteSize()
+        size = _size_by_parts(model) if inline > _SIZE_BY_PARTS else model.ByteSize()
     except Exception:  # protobuf refuses to size a message over 2 GB
         return None
     return size if size < PROTOBUF_LIMIT else None
+
+
+_SIZE_BY_PARTS = 16 << 20
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _size_by_parts(model: onnx.ModelProto) -> int:
+    """``model.ByteSize()`` without encoding the weights: upb sizes a message by
+    encoding it (8 s a call for BERT-base on a loaded machine).  Each top-level
+    initializer's ``raw_data`` is counted from its length (field 9 of TensorProto;
+    the initializer is field 5 of GraphProto, the graph field 7 of ModelProto,
+    every tag one byte)."""
+    graph = _copy_except(model.graph, "initializer").ByteSize()
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and t.data_type not in _PACKED_4BIT and _inline_bytes(t) > 4096:
+            raw = _inline_bytes(t)
+            size = _copy_except(t, "raw_data").ByteSize() + 1 + _varint_len(raw) + raw
+        else:
+            size = t.ByteSize()
+        graph += 1 + _varint_len(size) + size
+    return _copy_except(model, "graph").ByteSize() + 1 + _varint_len(graph) + graph
 
 
 _CHECK_INLINE_LIMIT = 1 << 20
@@ -179,9 +212,15 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     refs = uses_external_refs(model)
     if refs and base_dir is None:
         raise InputError("the model references external data: pass the folder it lives in (base_dir)")
-    if external_data or refs or needs_external_data(model):
-        return _save_external(model, out, parent, Path(base_dir) if base_dir is not None else None)
-    atomic_write_bytes(out, model.SerializeToString(deterministic=True))
+    try:
+        if external_data or refs or needs_external_data(model):
+            data = out.with_name(out.name + ".data")
+            if data.is_symlink() or (data.exists() and not data.is_file()):
+                raise InputError(f"{data}: exists and is not a regular file; refusing to replace it")
+            return _save_external(model, out, parent, Path(base_dir) if base_dir is not None else None)
+        atomic_write_bytes(out, model.SerializeToString(deterministic=True))
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
     return SavedModel(out, None, out.stat().st_size)
 
 
@@ -212,18 +251,20 @@ class _DataWriter:
             e.key, e.value = k, v
 
     def copy_external(self, t: onnx.TensorProto) -> None:
-        info = external_data_helper.ExternalDataInfo(t)
-        src = _resolve_external(self.base_dir, t)
-        start, left = self._start(), info.length
-        with open(src, "rb") as g:
-            g.seek(info.offset or 0)
-            if left is None:
-                left = src.stat().st_size - (info.offset or 0)
+        if self.base_dir is None:
+            raise InputError(f"tensor {t.name!r} references external data, but no folder to read it from was given")
+        try:
+            g, offset, left = open_external(t, self.base_dir)
+        except ExternalDataError as exc:
+            raise InputError(f"tensor {t.name!r}: {exc}") from None
+        start = self._start()
+        with g:
+            g.seek(offset)
             total = left
             while left > 0:
                 block = g.read(min(_CHUNK, left))
                 if not block:
-                    raise InputError(f"tensor {t.name!r}: external data ends early in {src.name}")
+                    raise InputError(f"tensor {t.name!r}: external data ends early")
                 self.f.write(block)
                 left -= len(block)
         self.offset += total
@@ -361,7 +402,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         _default_mode(fd)
         with os.fdopen(fd, "wb") as f:
@@ -369,6 +413,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        _unlink(tmp)
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         _unlink(tmp)
         raise

@@ -86,6 +86,11 @@ class CompileReport:
     warnings: list[str] = field(default_factory=list)
     command: str = "compile"
     reparam: dict | None = None  # insert/fold/unfold: weights, trainable parameter counts
+    # gpu/npu: per node, does the target's provider take it, and why not
+    # (beats_compiler.legality.Legality.to_dict()); None for cpu.
+    legality: dict | None = None
+    # gpu/npu: what the lowering did (fp32 ops kept, quantization, accuracy, precompile)
+    target_details: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,9 +12,15 @@ from .constant_folding import FoldConstants
 from .convert import Envelope, to_graph, to_model
 from .fusions import FuseConvBatchNorm, FuseMatMulAdd
 from .inline_if import InlineConstantIf
+from .neutral_elementwise import EliminateNeutralElementwise
+from .merge_unsqueeze import MergeUnsqueeze
+from .schema_casts import EliminateSchemaTypedCasts
 from .shapes import FoldShapes, TypeMap, infer_types
+from .training_legalize import AddLayerNormBias, AddLayerNormStatOutputs, UntieLayerNormParams
 
 __all__ = [
+    "AddLayerNormBias",
+    "AddLayerNormStatOutputs",
     "DedupeInitializers",
     "EliminateCommonSubexpressions",
     "EliminateDeadCode",
@@ -33,6 +39,7 @@ __all__ = [
     "PassRecord",
     "PassResult",
     "TypeMap",
+    "UntieLayerNormParams",
     "infer_types",
     "to_graph",
     "to_model",

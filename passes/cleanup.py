@@ -25,6 +25,7 @@ from .graph import (
     remove_nodes,
     replace_uses,
 )
+from .convert import _PACKED_4BIT, ExternalValues, open_external
 from .shapes import TypeMap, infer_types
 
 _INT64_MAX_ISH = 2**31 - 1  # exporters write INT_MAX or INT64_MAX for "to the end"
@@ -208,6 +209,21 @@ def _local_constants(g: gs.Graph) -> list[gs.Constant]:
     return list(seen.values())
 
 
+_PROBE_BYTES = 1 << 16
+
+
+def _probe(c: gs.Constant) -> bytes:
+    """The first 64 KiB of the constant's bytes (the dtype and shape are already equal)."""
+    v = c._values
+    if isinstance(v, ExternalValues) and v.tensor.data_type not in _PACKED_4BIT:
+        f, offset, length = open_external(v.tensor, v.base_dir)
+        with f:
+            f.seek(offset)
+            return f.read(min(_PROBE_BYTES, length))
+    a = np.ascontiguousarray(const_value(c)).reshape(-1).view(np.uint8)
+    return a[:_PROBE_BYTES].tobytes()
+
+
 class DedupeInitializers(Pass):
     """Initializers with identical dtype, shape and bytes are merged into one."""
 
@@ -225,10 +241,16 @@ class DedupeInitializers(Pass):
             for same_shape in groups.values():
                 if len(same_shape) < 2:
                     continue
+                # A cheap first look (the first 64 KiB, read from the file for external data) splits
+                # the group; only tensors that still share it are read and hashed in full.
+                probes: dict[bytes, list[gs.Constant]] = {}
+                for c in same_shape:
+                    probes.setdefault(_probe(c), []).append(c)
+                same_shape = [c for cs in probes.values() if len(cs) > 1 for c in cs]
                 canon: dict[bytes, gs.Constant] = {}
                 for c in same_shape:
                     v = np.ascontiguousarray(const_value(c))
-                    digest = hashlib.blake2b(v.tobytes(), digest_size=20).digest()
+                    digest = hashlib.blake2b(v.reshape(-1).view(np.uint8), digest_size=20).digest()
                     first = canon.get(digest)
                     if first is None:
                         canon[digest] = c

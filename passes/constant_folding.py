@@ -136,10 +136,15 @@ class FoldConstants(Pass):
         *,
         max_output_bytes: int = 1 * GiB,
         max_growth_bytes: int = 4 * MiB,
+        max_total_bytes: int | None = None,
         evaluator: Evaluator | None = None,
     ):
         self.max_output_bytes = max_output_bytes
         self.max_growth_bytes = max_growth_bytes
+        # Bytes all folds of this pass object (one compile) may allocate
+        # together; None: no total bound, only the per-fold ones.
+        self.max_total_bytes = max_total_bytes
+        self.allocated = 0
         self.evaluator = evaluator or reference_evaluator
 
     def call(self, graph: gs.Graph) -> PassResult:
@@ -200,6 +205,9 @@ class FoldConstants(Pass):
         freed = sum(const_nbytes(t) for t in live_inputs if len(t.outputs) == 1)
         if out_bytes > freed and out_bytes - freed > self.max_growth_bytes:
             return "growth_limit"
+        if self.max_total_bytes is not None and self.allocated + out_bytes > self.max_total_bytes:
+            return "memory_limit"
+        self.allocated += out_bytes
         try:
             results = self._evaluate(root, node)
         except Exception:  # an op the evaluator cannot run: counted, left as is

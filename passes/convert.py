@@ -62,6 +62,141 @@ def _copy_list(repeated) -> list:
     return out
 
 
+class ExternalDataError(ValueError):
+    """An external data reference that is unsafe or does not fit its file."""
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    location: str
+    offset: int
+    length: int | None
+
+
+def external_ref(tensor: onnx.TensorProto) -> ExternalRef:
+    """The tensor's external data entries, parsed strictly (onnx's
+    ``ExternalDataInfo`` calls ``setattr`` with whatever keys the file holds)."""
+    entries: dict[str, str] = {}
+    for e in tensor.external_data:
+        if e.key in entries:
+            raise ExternalDataError(f"external data key {e.key!r} given twice")
+        entries[e.key] = e.value
+    loc = entries.get("location", "")
+    if not loc:
+        raise ExternalDataError("external data has no location")
+    nums = {}
+    for key in ("offset", "length"):
+        text = entries.get(key)
+        if text is None or text == "":
+            nums[key] = None
+        elif not (text.isascii() and text.isdigit()) or len(text) > 19:
+            raise ExternalDataError(f"external data {key} {text[:40]!r} is not a non-negative integer")
+        else:
+            nums[key] = int(text)
+    return ExternalRef(loc, nums["offset"] or 0, nums["length"])
+
+
+def resolve_external(base_dir: str | os.PathLike, location: str) -> str:
+    """The real path of ``location`` under ``base_dir``, or ``ExternalDataError``:
+    no absolute paths, no ``..``, no backslashes or NULs, nothing that resolves
+    (through symlinks) outside ``base_dir``, only regular files with one link
+    (a hard-linked file may have another name outside the folder)."""
+    if "\x00" in location or "\\" in location or (len(location) > 1 and location[1] == ":"):
+        raise ExternalDataError(f"external data location {location[:200]!r} is not a plain relative path")
+    if os.path.isabs(location):
+        raise ExternalDataError(f"external data location {location[:200]!r} is an absolute path")
+    parts = location.replace(os.sep, "/").split("/")
+    if ".." in parts:
+        raise ExternalDataError(f"external data location {location[:200]!r} leads outside the model's folder (..)")
+    base = os.path.realpath(base_dir)
+    target = os.path.realpath(os.path.join(base, location))
+    if os.path.commonpath([base, target]) != base:
+        raise ExternalDataError(f"external data location {location[:200]!r} leads outside the model's folder (symlink)")
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        raise ExternalDataError(f"external data file {location[:200]!r} is missing") from None
+    except OSError as exc:
+        raise ExternalDataError(f"external data file {location[:200]!r} cannot be read ({exc.strerror})") from None
+    _check_regular(st, location)
+    return target
+
+
+def _check_regular(st: os.stat_result, location: str) -> None:
+    import stat as _stat
+
+    mode = st.st_mode
+    if not _stat.S_ISREG(mode):
+        kind = ("a folder" if _stat.S_ISDIR(mode) else "a FIFO" if _stat.S_ISFIFO(mode)
+                else "a device file" if _stat.S_ISCHR(mode) or _stat.S_ISBLK(mode) else "not a regular file")
+        raise ExternalDataError(f"external data file {location[:200]!r} is {kind}")
+    if st.st_nlink > 1:
+        raise ExternalDataError(f"external data file {location[:200]!r} has {st.st_nlink} hard links "
+                                "(it may also live outside the model's folder; copy it to use it)")
+
+
+def external_nbytes(tensor: onnx.TensorProto) -> int:
+    """Bytes the tensor's dims and data type call for."""
+    n = int(np.prod([int(d) for d in tensor.dims], dtype=np.int64)) if tensor.dims else 1
+    if tensor.data_type in _PACKED_4BIT:
+        return (n + 1) // 2
+    try:
+        size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        raise ExternalDataError(f"data type {tensor.data_type} cannot be stored externally") from None
+    if tensor.data_type == onnx.TensorProto.STRING:
+        raise ExternalDataError("string data cannot be stored externally")
+    return n * size
+
+
+_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def check_external(tensor: onnx.TensorProto, base_dir: str | os.PathLike) -> tuple[str, int, int]:
+    """Validate the tensor's reference; returns (real path, offset, length)."""
+    ref = external_ref(tensor)
+    path = resolve_external(base_dir, ref.location)
+    size = os.stat(path).st_size
+    want = external_nbytes(tensor)
+    length = ref.length if ref.length is not None else size - ref.offset
+    if ref.offset > size or ref.offset + length > size:
+        raise ExternalDataError(f"external data range (offset {ref.offset}, length {length}) lies beyond the end "
+                                f"of {ref.location[:200]!r} ({size} bytes)")
+    if length != want:
+        raise ExternalDataError(f"external data length {length} disagrees with dims {list(tensor.dims)} "
+                                f"({want} bytes)")
+    return path, ref.offset, length
+
+
+def open_external(tensor: onnx.TensorProto, base_dir: str | os.PathLike):
+    """Open the tensor's data file safely (checked again after opening: a
+    file swapped since validation is refused); returns (file, offset, length)."""
+    path, offset, length = check_external(tensor, base_dir)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        _check_regular(os.fstat(fd), external_ref(tensor).location)
+        real = f"/proc/self/fd/{fd}"
+        if os.path.exists(real):
+            base = os.path.realpath(base_dir)
+            if os.path.commonpath([base, os.path.realpath(real)]) != base:
+                raise ExternalDataError("external data file moved outside the model's folder")
+        return os.fdopen(fd, "rb"), offset, length
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_external(tensor: onnx.TensorProto, base_dir: str | os.PathLike) -> bytes:
+    """The tensor's bytes from its file, exactly ``length`` of them."""
+    f, offset, length = open_external(tensor, base_dir)
+    with f:
+        f.seek(offset)
+        data = f.read(length)
+    if len(data) != length:
+        raise ExternalDataError(f"external data file {external_ref(tensor).location[:200]!r} ends early")
+    return data
+
+
 class ExternalValues(LazyValues):
     """A constant whose bytes stay in its external data file (under
     ``base_dir``) until a pass reads them; export keeps the reference."""
@@ -71,13 +206,22 @@ class ExternalValues(LazyValues):
         self.base_dir = base_dir
 
     def load(self) -> np.ndarray:
-        info = external_data_helper.ExternalDataInfo(self.tensor)
         dims = [int(d) for d in self.tensor.dims]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(self.tensor.data_type)
-        with open(os.path.join(self.base_dir, info.location), "rb") as f:
-            f.seek(info.offset or 0)
-            data = np.fromfile(f, dtype=dtype, count=int(np.prod(dims, dtype=np.int64)))
-        return data.reshape(dims)
+        f, offset, length = open_external(self.tensor, self.base_dir)
+        with f:
+            f.seek(offset)
+            data = np.fromfile(f, dtype=np.uint8, count=length)
+        if data.size != length:
+            raise ExternalDataError(f"external data of {self.tensor.name!r} ends early")
+        if self.tensor.data_type in _PACKED_4BIT:  # stored two to a byte, as onnx's loader reads them
+            t = onnx.TensorProto()
+            t.CopyFrom(self.tensor)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data.tobytes()
+            return onnx.numpy_helper.to_array(t)
+        return data.view(dtype).reshape(dims)
 
 
 def _attach_external(graph: gs.Graph, base_dir: str | None) -> None:

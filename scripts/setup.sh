@@ -18,7 +18,7 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   # torch 2.13.0 is the CPU build; install it first so nothing pulls a CUDA build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0"
-  .venv/bin/python -m pip install --quiet -e ".[test,exporters,bench]"
+  .venv/bin/python -m pip install --quiet -e ".[test,exporters,bench,npu]"
   rm -f .venv/.beats-setup-*
   touch "$stamp"
 fi

@@ -40,7 +40,7 @@ from .models_real import small_resnet as _small_resnet
 from .models_real import tiny_bert as _tiny_bert
 from .models_real import token_feeds as _token_feeds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exporters]  # exporters: torch, transformers
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"

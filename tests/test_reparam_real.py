@@ -29,7 +29,7 @@ from passes import reparam as rp
 from .helpers import assert_same_on_ort, session
 from .models_real import export_minilm, export_tiny_bert, export_torchscript_cnn, image_feeds, token_feeds
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.exporters]  # exporters: torch, transformers
 
 INSERT_ATOL = 1e-6
 UNOPTIMIZED_ATOL = 1e-5  # weight layout, ORT optimizations off: kernel reassociation only (see below)

@@ -2,5 +2,6 @@
 
 from .conv_bn import FuseConvBatchNorm
 from .matmul_add import FuseMatMulAdd
+from .transpose_gemm import FuseTransposedGemm
 
-__all__ = ["FuseConvBatchNorm", "FuseMatMulAdd"]
+__all__ = ["FuseConvBatchNorm", "FuseMatMulAdd", "FuseTransposedGemm"]

@@ -39,7 +39,16 @@ def rich_model() -> onnx.ModelProto:
         H("Shape", ["iff"], ["s"]),
         H("Reshape", ["iff", "s"], ["rr"]),
         H("Cast", ["rr"], ["cast"], to=TensorProto.FLOAT),
-        H("Dropout", ["cast"], ["vec_out"]),
+        H("Dropout", ["cast"], ["d"]),
+        # fuse_matmul_add, eliminate_neutral_elementwise, eliminate_schema_typed_casts, merge_unsqueeze
+        H("MatMul", ["d", "w2"], ["q"]),
+        H("Add", ["q", "b3"], ["q1"]),
+        H("Add", ["q1", "zero4"], ["q2"]),
+        H("Scaler", ["q2"], ["sc"], domain="ai.onnx.ml", offset=[0.1, 0.2, 0.3, 0.4], scale=[1.0, 2.0, 0.5, 1.5]),
+        H("Cast", ["sc"], ["sc1"], to=TensorProto.FLOAT),
+        H("Unsqueeze", ["sc1", "ax0"], ["u1"]),
+        H("Unsqueeze", ["u1", "ax0"], ["u2"]),
+        H("Squeeze", ["u2", "ax01"], ["vec_out"]),
         H("Exp", ["vec"], ["dead"]),
     ]
     inits = {
@@ -48,9 +57,15 @@ def rich_model() -> onnx.ModelProto:
         "va": rng.uniform(0.5, 2, 2).astype(np.float32),
         "w": f32(4, 4, seed=6), "b": bias, "b2": bias.copy(), "cond": np.array(True),
         "last": np.array(-1, np.int64),
+        "w2": f32(4, 4, seed=7), "b3": f32(4, seed=8), "zero4": np.zeros(4, np.float32),
+        "ax0": np.array([0], np.int64), "ax01": np.array([0, 1], np.int64),
     }
-    return make_model(nodes, [vi("img", [1, 3, 6, 6]), vi("vec", ["N", 4])],
-                      [vi("img_out", [1, 2, 6, 6]), vi("vec_out", ["N", 4])], inits)
+    g = helper.make_graph(nodes, "test", [vi("img", [1, 3, 6, 6]), vi("vec", ["N", 4])],
+                          [vi("img_out", [1, 2, 6, 6]), vi("vec_out", ["N", 4])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
+    onnx.checker.check_model(m)
+    return m
 
 
 def bomb_model() -> onnx.ModelProto:

@@ -1,0 +1,567 @@
+"""The training loop over ORT training artifacts, and ``train``.
+
+Data: ``.npz`` files mapping each model input name and the label name to an
+array whose first axis is the example.  Each epoch: seeded shuffle, batches,
+the learning rate set on ORT's Optimizer every step (warmup, then constant,
+linear or cosine decay), evaluation, a checkpoint (ORT's CheckpointState with
+the optimizer state, plus ``loop_state.json``), early stop on the monitored
+metric.  At the end: the kept D/V (the best epoch's when there is an eval
+metric) as an adapter, ``metrics.json``, ``curve.png`` and, with ``fold``,
+the deployable model (folded in the calling process and checked against the
+trained model's logits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError, VerificationError
+from . import env as _env
+from .artifacts import INSERTED, load_manifest
+
+SCHEDULES = ("constant", "linear", "cosine")
+RUN_FILES = {
+    "checkpoint": "checkpoint",
+    "loop_state": "loop_state.json",
+    "best": "best_params.npz",
+    "metrics": "metrics.json",
+    "curve": "curve.png",
+    "adapter": "adapter.npz",
+    "reference": "reference.npz",
+}
+REFERENCE_EXAMPLES = 32
+LOGITS_KEY = "__trained_logits__"
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did and wrote."""
+
+    run_dir: str
+    metrics: dict  # the content of metrics.json
+    adapter: str
+    checkpoint: str
+    metrics_path: str
+    curve: str | None
+    folded: str | None = None
+    fold_max_abs_diff: float | None = None  # folded model vs. the trained model's logits
+    folded_node_count: int | None = None
+    inserted_node_count: int | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.metrics["epochs"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(step: int, total: int, lr: float, schedule: str, warmup: int) -> float:
+    """Learning rate of (0-based) ``step`` of ``total``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return lr * (1.0 - p)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _check_args(epochs: int, batch_size: int, lr: float | None, schedule: str, warmup: int, patience: int | None) -> None:
+    if epochs < 1:
+        raise InputError(f"--epochs must be at least 1, not {epochs}")
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, not {batch_size}")
+    if lr is not None and not lr > 0:
+        raise InputError(f"--lr must be > 0, not {lr}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {schedule!r}: use {', '.join(SCHEDULES)}")
+    if warmup < 0:
+        raise InputError(f"--warmup must be >= 0, not {warmup}")
+    if patience is not None and patience < 1:
+        raise InputError(f"--patience must be at least 1, not {patience}")
+
+
+def train(
+    artifacts_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    eval_data: str | os.PathLike | None = None,
+    epochs: int = 3,
+    batch_size: int = 32,
+    lr: float | None = None,
+    schedule: str = "constant",
+    warmup: int = 0,
+    seed: int = 0,
+    patience: int | None = None,
+    resume: bool = False,
+    label: str | None = None,
+    out_dir: str | os.PathLike | None = None,
+    fold: str | os.PathLike | None = None,
+    save_adapter: str | os.PathLike | None = None,
+    fold_atol: float = 1e-4,
+    curve: bool = True,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train the D/V of ``artifacts_dir`` (from ``generate_artifacts``) on
+    ``data`` (.npz: model input names and the label name -> arrays).
+
+    Writes into ``out_dir`` (default ``<artifacts_dir>/run``): ``checkpoint``
+    (ORT, with optimizer state), ``loop_state.json``, ``metrics.json``,
+    ``curve.png``, ``adapter.npz`` (or ``save_adapter``).  ``resume``
+    continues from the last checkpoint there.  ``fold`` also writes the
+    deployable model (W0 + D (.) V folded in), verified on ONNX Runtime and
+    against the trained model's logits (max abs diff <= ``fold_atol``).
+    ``curve=False`` skips the PNG (matplotlib takes seconds to import).
+    ``progress`` receives event dicts (type: start, step, epoch, message)."""
+    _check_args(epochs, batch_size, lr, schedule, warmup, patience)
+    art = Path(artifacts_dir).absolute()
+    load_manifest(art)
+    run = Path(out_dir).absolute() if out_dir is not None else art / "run"
+    fold_path = Path(fold).absolute() if fold is not None else None
+    if fold_path is not None and not fold_path.parent.is_dir():
+        raise InputError(f"{fold_path}: folder {fold_path.parent} does not exist")
+    if fold_path is not None and fold_path.resolve() == (art / INSERTED).resolve():
+        raise InputError(f"{fold_path}: refusing to overwrite the inserted model")
+    run_check = Path(out_dir) if out_dir is not None else art / "run"
+    if resume and not ((run_check / RUN_FILES["checkpoint"]).is_file() and (run_check / RUN_FILES["loop_state"]).is_file()):
+        raise InputError(f"{run_check}: nothing to resume (no checkpoint and loop_state.json from an earlier run)")
+    _load_data(art, load_manifest(art), data, eval_data, label)  # bad data: one line, before starting the worker
+    args = dict(artifacts_dir=str(art), data=str(Path(data).absolute()),
+                eval_data=str(Path(eval_data).absolute()) if eval_data is not None else None,
+                epochs=int(epochs), batch_size=int(batch_size), lr=None if lr is None else float(lr), schedule=schedule,
+                warmup=int(warmup), seed=int(seed), patience=None if patience is None else int(patience),
+                resume=bool(resume), label=label, out_dir=str(run),
+                save_adapter=str(Path(save_adapter).absolute()) if save_adapter is not None else None,
+                curve=bool(curve))
+    python = _env.find_training_python()
+    if _env.runs_here(python):
+        data_out = train_here(**args, progress=progress)
+    else:
+        from .worker import call
+
+        data_out = call(python, "train", args, progress)
+    result = TrainResult(**data_out)
+    if fold_path is not None:
+        _fold(result, art, fold_path, fold_atol, progress)
+    return result
+
+
+def _fold(result: TrainResult, art: Path, out: Path, atol: float, progress) -> None:
+    """Fold the adapter into the inserted model (in this process), save it,
+    and compare its logits with the trained model's on the saved examples."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ..io import load_model, save_model
+    from ..reparam import Adapter, fold
+
+    say = progress or (lambda ev: None)
+    say({"type": "message", "text": "folding the trained D/V"})
+    loaded = load_model(art / INSERTED, lazy=True)
+    adapter = Adapter.load(result.adapter)
+    folded = fold(loaded, adapter=adapter, measure_latency=False)
+    if folded.report.verified is False:
+        raise VerificationError("the folded model does not match the inserted model carrying the trained D/V")
+    saved = save_model(folded.model, out, external_data=loaded.uses_external_data, base_dir=folded.base_dir)
+    with np.load(Path(result.run_dir) / RUN_FILES["reference"], allow_pickle=False) as ref:
+        arrays = {k: ref[k] for k in ref.files}
+    trained = arrays.pop(LOGITS_KEY)
+    output = result.metrics["loss_output"]
+    sess = ort.InferenceSession(str(saved.path), providers=["CPUExecutionProvider"])
+    got = sess.run([output], arrays)[0]
+    diff = float(np.max(np.abs(got.astype(np.float64) - trained.astype(np.float64)))) if trained.size else 0.0
+    result.folded = str(saved.path)
+    result.fold_max_abs_diff = diff
+    result.folded_node_count = len(folded.model.graph.node)
+    result.inserted_node_count = folded.report.nodes_before
+    if not diff <= atol:
+        raise VerificationError(f"the folded model's {output!r} differs from the trained model's by {diff:.3g} "
+                                f"(> {atol:g}); {saved.path} was written for inspection")
+
+
+# --------------------------------------------------------------------------- in the training environment
+
+
+def _load_npz(path: Path, what: str) -> dict:
+    import numpy as np
+
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npz ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+
+
+def _validate(arrays: dict, path: Path, man: dict, label_key: str) -> tuple[dict, int]:
+    """Check names, example counts, shapes and dtypes; return the arrays
+    (same-kind dtypes cast to the model's) keyed by model input / label name."""
+    import numpy as np
+
+    specs = {i["name"]: i for i in man["inputs"]}
+    lab = man["label"]
+    wanted = list(specs) + [label_key]
+    missing = [n for n in wanted if n not in arrays]
+    extra = [k for k in arrays if k not in wanted]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unexpected {', '.join(extra)}")
+        raise InputError(f"{path}: {'; '.join(parts)} (expected arrays: {', '.join(wanted)}"
+                         f"{'' if label_key != lab['name'] else '; use --label to name the label array'})")
+    out, n = {}, None
+    for key in wanted:
+        a = arrays[key]
+        spec = specs[key] if key in specs else {"name": lab["name"], "dtype": lab["dtype"], "shape": lab["shape"]}
+        if a.ndim == 0:
+            raise InputError(f"{path}: {key!r} is a scalar; the first axis must be the example")
+        if n is None:
+            n = a.shape[0]
+        elif a.shape[0] != n:
+            raise InputError(f"{path}: {key!r} has {a.shape[0]} examples, {wanted[0]!r} has {n}")
+        shape = spec["shape"]
+        if shape and len(shape) != a.ndim:
+            raise InputError(f"{path}: {key!r} has shape {list(a.shape)}, the model wants rank {len(shape)} "
+                             f"{_fmt_shape(shape)}")
+        for i, (want, have) in enumerate(zip(shape, a.shape)):
+            if i > 0 and isinstance(want, int) and want > 0 and want != have:
+                raise InputError(f"{path}: {key!r} has shape {list(a.shape)}, the model wants {_fmt_shape(shape)}")
+        dt = np.dtype(spec["dtype"])
+        if a.dtype != dt:
+            if a.dtype.kind != dt.kind and not (a.dtype.kind in "iu" and dt.kind in "iu"):
+                raise InputError(f"{path}: {key!r} is {a.dtype}, the model wants {dt}")
+            a = a.astype(dt)
+        out[spec["name"]] = np.ascontiguousarray(a)
+    if not n:
+        raise InputError(f"{path}: no examples")
+    if man["loss"] == "ce":
+        y = out[lab["name"]]
+        classes = man.get("classes")
+        if y.size and (y.min() < 0 or (classes and y.max() >= classes)):
+            raise InputError(f"{path}: labels must lie in [0, {classes}) for ce, found {int(y.min())}..{int(y.max())}")
+    return out, int(n)
+
+
+def _load_data(art: Path, man: dict, data, eval_data, label: str | None):
+    """The checked training and eval arrays (eval: None, 0 when not given)."""
+    if man["loss"] == "ce" and "classes" not in man:
+        import onnx
+
+        classes = None
+        m = onnx.load_model(str(art / "eval_model.onnx"), load_external_data=False)
+        for o in m.graph.output:
+            if o.name == man["loss_output"] and o.type.tensor_type.shape.dim:
+                d = o.type.tensor_type.shape.dim[-1]
+                classes = d.dim_value if d.HasField("dim_value") else None
+        man["classes"] = classes
+    label_key = label or man["label"]["name"]
+    train_arrays, n_train = _validate(_load_npz(Path(data), "training data"), Path(data), man, label_key)
+    eval_arrays, n_eval = None, 0
+    if eval_data is not None:
+        eval_arrays, n_eval = _validate(_load_npz(Path(eval_data), "eval data"), Path(eval_data), man, label_key)
+    return train_arrays, n_train, eval_arrays, n_eval
+
+
+def _fmt_shape(shape) -> str:
+    return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
+
+
+def _static_batch(man: dict) -> int | None:
+    dims = [i["shape"][0] for i in man["inputs"] if i["shape"]]
+    fixed = {d for d in dims if isinstance(d, int) and d > 0}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def _batches(n: int, batch: int, order, drop_last: bool):
+    for s in range(0, n, batch):
+        idx = order[s:s + batch]
+        if drop_last and len(idx) < batch:
+            return
+        yield idx
+
+
+def _atomic_json(path: Path, body: dict) -> None:
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(body, indent=2) + "\n").encode())
+
+
+def _atomic_npz(path: Path, arrays: dict) -> None:
+    import io
+
+    import numpy as np
+
+    from ..io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _plot(path: Path, history: list[dict], loss: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    if any(h.get("eval_loss") is not None for h in history):
+        ax.plot(ep, [h.get("eval_loss") for h in history], "s-", label="eval loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"loss ({loss})")
+    handles, labels = ax.get_legend_handles_labels()
+    if any(h.get("eval_accuracy") is not None for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(ep, [h.get("eval_accuracy") for h in history], "^--", color="tab:green", label="eval accuracy")
+        ax2.set_ylabel("accuracy")
+        ax2.set_ylim(0, 1.02)
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="best")
+    ax.set_title("beats-compile train")
+    fig.tight_layout()
+    import io
+
+    from ..io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return str(path)
+
+
+class _Trainer:
+    def __init__(self, art: Path, man: dict, state, api):
+        self.art, self.man, self.state = art, man, state
+        self.module = api.Module(str(art / "training_model.onnx"), state, str(art / "eval_model.onnx"))
+        self.optimizer = api.Optimizer(str(art / "optimizer_model.onnx"), self.module)
+        # The training and eval models list their inputs and outputs separately.
+        self.order, self.out_index = {}, {}
+        for mode in (False, True):
+            self.module.train(mode)
+            outs = list(self.module.output_names())
+            self.order[mode] = list(self.module.input_names())
+            self.out_index[mode] = outs.index(man["loss_output"]) if man["loss_output"] in outs else 1
+
+    def feeds(self, arrays: dict, idx) -> list:
+        return [arrays[name][idx] for name in self.order[self.module.training]]
+
+    def step(self, arrays: dict, idx, lr: float) -> float:
+        self.module.train()
+        self.optimizer.set_learning_rate(lr)
+        outs = self.module(*self.feeds(arrays, idx))
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return float(outs[0])
+
+    def evaluate(self, arrays: dict, n: int, batch: int, drop_last: bool) -> tuple[float, float | None]:
+        import numpy as np
+
+        self.module.eval()
+        loss_sum, seen, correct, count = 0.0, 0, 0, 0
+        lab = arrays[self.man["label"]["name"]]
+        for idx in _batches(n, batch, np.arange(n), drop_last):
+            outs = self.module(*self.feeds(arrays, idx))
+            loss_sum += float(outs[0]) * len(idx)
+            seen += len(idx)
+            logits = outs[self.out_index[False]]
+            if self.man["loss"] == "ce":
+                correct += int((logits.argmax(-1) == lab[idx]).sum())
+                count += len(idx)
+            elif self.man["loss"] == "bce":
+                correct += int(((logits > 0) == (lab[idx] > 0.5)).sum())
+                count += int(np.prod(logits.shape))
+        acc = correct / count if count else None
+        return (loss_sum / seen if seen else float("nan")), acc
+
+    def logits(self, arrays: dict, idx):
+        self.module.eval()
+        return self.module(*self.feeds(arrays, idx))[self.out_index[False]]
+
+    def values(self) -> dict:
+        return {n: self.state.parameters[n].data.copy() for n in self.man["trainable"]["names"]}
+
+    def set_values(self, values: dict) -> None:
+        for n, v in values.items():
+            self.state.parameters[n] = v
+
+
+def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: int, batch_size: int, lr: float | None,
+               schedule: str, warmup: int, seed: int, patience: int | None, resume: bool, label: str | None,
+               out_dir: str, save_adapter: str | None, curve: bool = True, progress: Callable[[dict], None] | None = None) -> dict:
+    import numpy as np
+
+    from ..reparam import Adapter, trainable_manifest
+    from .artifacts import _read_model
+
+    say = progress or (lambda ev: None)
+    _check_args(epochs, batch_size, lr, schedule, warmup, patience)
+    art, run = Path(artifacts_dir), Path(out_dir)
+    man = load_manifest(art)
+    lr = float(man["optimizer"]["lr"] if lr is None else lr)
+    train_arrays, n_train, eval_arrays, n_eval = _load_data(art, man, data, eval_data, label)
+    fixed = _static_batch(man)
+    if fixed is not None and fixed != batch_size:
+        raise InputError(f"the model's inputs have a fixed batch dimension of {fixed}: use --batch-size {fixed}")
+    drop_last = fixed is not None
+    steps_per_epoch = n_train // batch_size if drop_last else -(-n_train // batch_size)
+    if steps_per_epoch == 0:
+        raise InputError(f"{data}: {n_train} examples make no batch of {batch_size}")
+    total_steps = epochs * steps_per_epoch
+    is_cls = man["loss"] in ("ce", "bce")
+    monitor = ("eval_accuracy" if is_cls else "eval_loss") if eval_arrays is not None else "train_loss"
+    higher = monitor == "eval_accuracy"
+
+    if run.exists() and not run.is_dir():
+        raise InputError(f"{run}: exists and is not a folder")
+    if not run.parent.is_dir():
+        raise InputError(f"{run}: parent folder {run.parent} does not exist")
+    ck_path, ls_path = run / RUN_FILES["checkpoint"], run / RUN_FILES["loop_state"]
+    adapter_path = Path(save_adapter) if save_adapter else run / RUN_FILES["adapter"]
+    if not adapter_path.parent.is_dir() and adapter_path.parent != run:
+        raise InputError(f"{adapter_path}: folder {adapter_path.parent} does not exist")
+    import hashlib
+
+    config = {"artifacts": hashlib.sha256((art / "beats_artifacts.json").read_bytes()).hexdigest()[:16],
+              "data": data, "eval_data": eval_data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "schedule": schedule, "warmup": warmup, "seed": seed, "patience": patience, "n_train": n_train,
+              "n_eval": n_eval}
+    _art_mod, _ob, api = _env.import_ort_training()
+    loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
+            "stopped_early": False}
+    if resume:
+        if not (ck_path.is_file() and ls_path.is_file()):
+            raise InputError(f"{run}: nothing to resume (no checkpoint and loop_state.json from an earlier run)")
+        loop = json.loads(ls_path.read_text())
+        old = loop.get("config", {})
+        keys = ["artifacts", "batch_size", "n_train", "seed", "schedule", "warmup"]
+        if schedule != "constant":  # a decaying schedule spans all steps of the run
+            keys.append("epochs")
+        for k in keys:
+            if old.get(k) != config[k]:
+                raise InputError(f"--resume: {k} was {old.get(k)} in the run being resumed, now {config[k]}")
+        state = api.CheckpointState.load_checkpoint(str(ck_path))
+        if "beats_epoch" not in state.properties or int(state.properties["beats_epoch"]) != loop["epoch"]:
+            raise InputError(f"{run}: checkpoint and loop_state.json disagree (an interrupted save?); start again "
+                             "without --resume")
+        say({"type": "message", "text": f"resuming after epoch {loop['epoch']} (step {loop['step']})"})
+    else:
+        run.mkdir(exist_ok=True)
+        for f in RUN_FILES.values():  # a fresh run: nothing stale from an earlier one
+            if (run / f).is_file():
+                (run / f).unlink()
+        state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
+    loop["config"] = config
+    tr = _Trainer(art, man, state, api)
+    if loop["step"]:
+        tr.optimizer.set_learning_rate(lr_at(loop["step"] - 1, total_steps, lr, schedule, warmup))
+    best_path = run / RUN_FILES["best"]
+    t_params = man["trainable"]["params"]
+    say({"type": "start", "epochs": epochs, "steps_per_epoch": steps_per_epoch, "first_epoch": loop["epoch"] + 1,
+         "n_train": n_train, "n_eval": n_eval, "trainable_params": t_params, "monitor": monitor})
+    if loop["epoch"] == 0 and eval_arrays is not None:  # the starting point, for the record
+        l0, a0 = tr.evaluate(eval_arrays, n_eval, batch_size, drop_last)
+        loop["initial_eval"] = {"eval_loss": l0, "eval_accuracy": a0}
+        say({"type": "message", "text": f"before training: eval loss {l0:.4f}"
+             + (f", accuracy {a0:.4f}" if a0 is not None else "")})
+    while loop["epoch"] < epochs and not loop["stopped_early"]:
+        epoch = loop["epoch"] + 1
+        order = np.random.default_rng([seed, epoch]).permutation(n_train)
+        t0, loss_sum, seen, last_emit = time.perf_counter(), 0.0, 0, 0.0
+        for i, idx in enumerate(_batches(n_train, batch_size, order, drop_last)):
+            cur_lr = lr_at(loop["step"], total_steps, lr, schedule, warmup)
+            loss = tr.step(train_arrays, idx, cur_lr)
+            if not math.isfinite(loss):
+                raise InputError(f"the training loss became {loss} at epoch {epoch}, step {i + 1}: "
+                                 "lower the learning rate")
+            loop["step"] += 1
+            loss_sum += loss * len(idx)
+            seen += len(idx)
+            now = time.perf_counter()
+            if now - last_emit > 0.2 or i + 1 == steps_per_epoch:
+                last_emit = now
+                say({"type": "step", "epoch": epoch, "step": i + 1, "steps": steps_per_epoch,
+                     "loss": loss_sum / seen, "lr": cur_lr})
+        secs = time.perf_counter() - t0
+        row = {"epoch": epoch, "train_loss": loss_sum / seen, "eval_loss": None, "eval_accuracy": None,
+               "lr": cur_lr, "seconds": secs, "steps": steps_per_epoch, "steps_per_s": steps_per_epoch / secs,
+               "trainable_params": t_params}
+        if eval_arrays is not None:
+            row["eval_loss"], row["eval_accuracy"] = tr.evaluate(eval_arrays, n_eval, batch_size, drop_last)
+        # Accuracy ties are broken by the eval loss.
+        metric = [row[monitor], row["eval_loss"]] if higher else [row[monitor]]
+        better = loop["best"] is None or (
+            (metric[0], -metric[1]) > (loop["best"][0], -loop["best"][1]) if higher else metric[0] < loop["best"][0])
+        if better:
+            loop["best"], loop["best_epoch"], loop["bad_epochs"] = metric, epoch, 0
+            _atomic_npz(best_path, tr.values())
+        else:
+            loop["bad_epochs"] += 1
+        row["best"] = better
+        loop["history"].append(row)
+        loop["epoch"] = epoch
+        if patience is not None and loop["bad_epochs"] >= patience and epoch < epochs:
+            loop["stopped_early"] = True
+        # The checkpoint first (with the epoch as a property), then the loop state.
+        state.properties["beats_epoch"] = epoch
+        tmp_ck = run / f".{RUN_FILES['checkpoint']}.tmp"
+        api.CheckpointState.save_checkpoint(state, str(tmp_ck), include_optimizer_state=True)
+        os.replace(tmp_ck, ck_path)
+        _atomic_json(ls_path, loop)
+        say({"type": "epoch", **row, "stopped_early": loop["stopped_early"]})
+
+    # The kept values: the best epoch's when there is an eval metric.
+    kept = "last"
+    if monitor != "train_loss" and best_path.is_file():
+        with np.load(best_path, allow_pickle=False) as z:
+            tr.set_values({k: z[k] for k in z.files})
+        kept = f"best (epoch {loop['best_epoch']})"
+    values = tr.values()
+    model, _ = _read_model(art / INSERTED)
+    from ..reparam import _get_records
+
+    Adapter(_get_records(model), values).save(adapter_path)
+    ref_src, ref_n = (eval_arrays, n_eval) if eval_arrays is not None else (train_arrays, n_train)
+    k = min(REFERENCE_EXAMPLES, ref_n)
+    if fixed is not None:
+        k = fixed if ref_n >= fixed else 0
+    idx = np.arange(k)
+    ref = {name: ref_src[name][idx] for name in (i["name"] for i in man["inputs"])}
+    ref[LOGITS_KEY] = tr.logits(ref_src, idx) if k else np.zeros((0,), np.float32)
+    _atomic_npz(run / RUN_FILES["reference"], ref)
+    hist = loop["history"]
+    metrics = {
+        "loss": man["loss"], "loss_output": man["loss_output"], "monitor": monitor, "kept": kept,
+        "best_epoch": loop["best_epoch"], "best": loop["best"][0] if loop["best"] else None, "stopped_early": loop["stopped_early"],
+        "epochs_run": loop["epoch"], "steps": loop["step"], "trainable_params": t_params,
+        "frozen_params": man["frozen"]["params"], "initial_eval": loop.get("initial_eval"),
+        "config": config, "epochs": hist,
+        "sizes": {"adapter_bytes": adapter_path.stat().st_size, "checkpoint_bytes": ck_path.stat().st_size},
+    }
+    metrics_path = run / RUN_FILES["metrics"]
+    _atomic_json(metrics_path, metrics)
+    warnings = []
+    want_curve = curve
+    curve = _plot(run / RUN_FILES["curve"], hist, man["loss"]) if hist and want_curve else None
+    if hist and want_curve and curve is None:
+        warnings.append("curve.png not written: matplotlib is not installed in the training environment")
+    return {"run_dir": str(run), "metrics": metrics, "adapter": str(adapter_path), "checkpoint": str(ck_path),
+            "metrics_path": str(metrics_path), "curve": curve, "warnings": warnings}
+

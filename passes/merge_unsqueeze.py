@@ -1,0 +1,82 @@
+"""Unsqueeze(Unsqueeze(x, a1), a2) -> Unsqueeze(x, a): one node for a chain.
+
+torch's dynamo exporter writes attention-mask broadcasting as chains of
+Unsqueeze with constant axes.  Each outer Unsqueeze is rewritten to read x
+directly with the combined axes (computed from x's rank); the inner one
+goes when nothing else reads it.  Axes come from the ``axes`` input (opset
+>= 13) or attribute (older opsets), and must be constants.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import Pass, PassResult
+from .graph import NameScope, const_value, io_ids, is_const, is_standard, iter_graphs, producer, remove_nodes
+from .shapes import TypeMap, infer_types
+
+
+def _axes(node: gs.Node) -> list[int] | None:
+    if "axes" in node.attrs:
+        return [int(a) for a in node.attrs["axes"]]
+    if len(node.inputs) == 2 and is_const(node.inputs[1]):
+        return [int(a) for a in const_value(node.inputs[1]).ravel()]
+    return None
+
+
+def combine(rank: int, a1: list[int], a2: list[int]) -> list[int] | None:
+    """The axes of one Unsqueeze equal to unsqueezing a rank-``rank`` tensor by a1, then by a2."""
+    r1 = rank + len(a1)
+    r2 = r1 + len(a2)
+    n1 = [a % r1 if -r1 <= a < r1 else None for a in a1]
+    n2 = [a % r2 if -r2 <= a < r2 else None for a in a2]
+    if None in n1 or None in n2 or len(set(n1)) != len(n1) or len(set(n2)) != len(n2):
+        return None
+    remaining = [p for p in range(r2) if p not in set(n2)]  # final positions of the intermediate's dims
+    return sorted(set(n2) | {remaining[i] for i in n1})
+
+
+class MergeUnsqueeze(Pass):
+    name = "merge_unsqueeze"
+    idempotent = True
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        tm: TypeMap | None = None
+        names: NameScope | None = None
+        merged = 0
+        for g in iter_graphs(graph):
+            _, out_ids = io_ids(g)
+            local = {id(n) for n in g.nodes}
+            for outer in list(g.nodes):
+                if outer.op != "Unsqueeze" or not is_standard(outer) or len(outer.outputs) != 1:
+                    continue
+                inner = producer(outer.inputs[0])
+                if inner is None or id(inner) not in local or inner.op != "Unsqueeze" or not is_standard(inner):
+                    continue
+                a1, a2 = _axes(inner), _axes(outer)
+                if a1 is None or a2 is None:
+                    continue
+                x = inner.inputs[0]
+                tm = tm or infer_types(graph)
+                rank = tm.rank(x)
+                if rank is None:
+                    continue
+                axes = combine(rank, a1, a2)
+                if axes is None:
+                    continue
+                if "axes" in outer.attrs:
+                    outer.attrs["axes"] = axes
+                    outer.inputs[0] = x
+                else:
+                    names = names or NameScope(graph)
+                    name = names.fresh((outer.name or outer.outputs[0].name) + "_axes")
+                    outer.inputs[0] = x
+                    outer.inputs[1] = gs.Constant(name, np.array(axes, np.int64))
+                merged += 1
+                mid = inner.outputs[0]
+                if not mid.outputs and id(mid) not in out_ids:
+                    remove_nodes(g, [inner])
+                    local.discard(id(inner))
+        return PassResult(merged > 0, {"merged": merged} if merged else {})
+

@@ -1,0 +1,104 @@
+"""npu target on small graphs: static shapes, calibration (and its refusal),
+QDQ on the real QNN HTP backend (onnxruntime-qnn), legality with reasons,
+--strict, --precompile."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import beats_compiler as bc
+from beats_compiler.cli import main
+from beats_compiler.errors import InputError
+from tests.targets.models import calib_npz, classifier
+
+qnn = pytest.importorskip("onnxruntime_qnn", reason="the npu target needs onnxruntime-qnn (extra 'npu')")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("npu")
+    onnx.save(classifier(), d / "cls.onnx")
+    onnx.save(classifier(fmod_tail=True), d / "fmod.onnx")
+    calib_npz(d / "calib.npz", n=8)
+    return d
+
+
+def test_refuses_without_calibration(files, capsys):
+    with pytest.raises(InputError, match="--calib data.npz.*--calib random"):
+        bc.compile(classifier(), "npu", input_shapes={"x": [1, 3, 16, 16]})
+    out = files / "none.onnx"
+    assert main([str(files / "cls.onnx"), "--target", "npu", "--input-shape", "x=1,3,16,16", "-o", str(out), "-q"]) == 2
+    assert "calibration data" in capsys.readouterr().err and not out.exists()
+
+
+def test_refuses_dynamic_dims_without_a_size():
+    with pytest.raises(InputError, match=r"static shapes: no size for x \(dynamic dims \[0\]\).*--input-shape"):
+        bc.compile(classifier(), "npu", calib="random")
+
+
+def test_refuses_calibration_of_the_wrong_shape():
+    bad = {"x": np.zeros((4, 1, 3, 8, 8), np.float32)}
+    with pytest.raises(InputError, match="calibration data 'x'"):
+        bc.compile(classifier(), "npu", calib=bad, input_shapes={"x": [1, 3, 16, 16]})
+
+
+def test_npu_compile_from_calibration_samples(files, tmp_path):
+    """Shapes from the samples; held-out samples are not calibration samples;
+    every compute node on the HTP; cosine >= 0.99 against fp32."""
+    src = files / "cls.onnx"
+    before = src.read_bytes()
+    out, rep = tmp_path / "cls.npu.onnx", tmp_path / "r.json"
+    assert main([str(src), "--target", "npu", "--calib", str(files / "calib.npz"), "-o", str(out),
+                 "--report", str(rep), "-q"]) == 0
+    assert src.read_bytes() == before
+    data = json.loads(rep.read_text())
+    d, leg = data["target_details"], data["legality"]
+    assert d["static_input_shapes"] == {"x": [1, 3, 16, 16]}
+    assert d["calibration"] == {"source": "file", "samples": 6, "held_out": 2}
+    assert leg["source"] == "qnn-session" and leg["fallback"] == []
+    assert leg["compute_nodes_on_target"] == leg["compute_nodes_total"] > 0
+    assert {i["op"] for i in leg["expected_fallback"]} <= {"QuantizeLinear", "DequantizeLinear"}
+    acc = d["accuracy"]["outputs"][0]
+    assert acc["cosine_min"] >= 0.99 and acc["top1_agreement"] is not None
+    q = onnx.load(out)
+    assert {n.op_type for n in q.graph.node} >= {"QuantizeLinear", "DequantizeLinear", "Conv"}
+    assert [d.dim_value for d in q.graph.input[0].type.tensor_type.shape.dim] == [1, 3, 16, 16]
+
+
+def test_legality_names_the_op_and_strict_fails(files, tmp_path, capsys):
+    src = files / "fmod.onnx"
+    out, rep = tmp_path / "f.onnx", tmp_path / "r.json"
+    args = [str(src), "--target", "npu", "--calib", str(files / "calib.npz"), "-o", str(out), "--report", str(rep)]
+    assert main(args + ["-q"]) == 0  # not strict: a fallback is reported, not fatal
+    leg = json.loads(rep.read_text())["legality"]
+    mod = [i for i in leg["fallback"] if i["op"] == "Mod"]
+    assert mod and mod[0]["node"] == "fmod" and "fmod" in mod[0]["reasons"][0]
+    assert leg["compute_nodes_on_target"] == leg["compute_nodes_total"] - 1
+    out.unlink()
+    capsys.readouterr()
+    assert main(args + ["--strict"]) == 1
+    text = capsys.readouterr().out
+    assert "fmod (Mod)" in text and "--strict" in text
+    assert not out.exists()
+    data = json.loads(rep.read_text())
+    assert data["verified"] is False and data["legality"]["strict"] and not data["legality"]["ok"]
+
+
+def test_precompile_writes_a_context_model_that_runs(files, tmp_path):
+    out = tmp_path / "cls.onnx"
+    assert main([str(files / "cls.onnx"), "--target", "npu", "--calib", "random", "--input-shape", "x=1,3,16,16",
+                 "--precompile", "--no-verify", "-o", str(out), "-q"]) == 0
+    ctx = tmp_path / "cls.ctx.onnx"
+    assert ctx.is_file() and out.is_file()
+    m = onnx.load(ctx)
+    assert any(n.op_type == "EPContext" for n in m.graph.node)
+    from beats_compiler import npu
+
+    x = np.random.default_rng(9).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    got = npu.run_context_model(ctx.read_bytes(), {"x": x})[0]
+    from onnx.reference import ReferenceEvaluator
+
+    want = ReferenceEvaluator(classifier()).run(None, {"x": x})[0]
+    assert got.shape == (1, 5) and npu.cosine(got, want) > 0.98
