@@ -169,8 +169,8 @@ def cnns(quick: bool):
     x = torch.randn(1, 3, 224, 224)
     for arch, make in (("resnet50", _resnet50), ("densenet121", _densenet121)):
         net = _bn_stats(make())
-        for kind, export in (("ts", lambda: _ts(net, (x,), ["x"], ["y"], batch)),
-                             ("dynamo", lambda: _dynamo(net, (x,), ["x"], ["y"], bdim))):
+        for kind, export in (("ts", lambda net=net: _ts(net, (x,), ["x"], ["y"], batch)),
+                             ("dynamo", lambda net=net: _dynamo(net, (x,), ["x"], ["y"], bdim))):
             try:
                 out.append(Case(f"{arch}_{kind}", f"torchvision architecture, torch.onnx {kind}", export(),
                                 feeds=_img()))

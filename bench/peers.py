@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from peer_corpus import BUILDERS, Case, SkipBuilder, mlp_big  # noqa: E402
-from peer_tools import TOOLS  # noqa: E402
+from peer_corpus import BUILDERS, Case, SkipBuilder, mlp_big
+from peer_tools import TOOLS
 
 STANDARD = {"", "ai.onnx", "ai.onnx.ml"}
 TRANSFORMER_HINTS = ("bert", "gpt", "minilm")
@@ -136,11 +136,13 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_capped(cmd: list[str], timeout: float, mem_cap: int, env=None) -> dict:
-    """Run ``cmd`` in a new process group; kill the group past the time or memory cap."""
+def run_capped(cmd: list[str], timeout: float, mem_cap: int, env=None, cwd=None) -> dict:
+    """Run ``cmd`` in a new process group; kill the group past the time or memory cap.
+    ``cwd``: tools that drop temporary files in the working directory (ORT's symbolic
+    shape inference) drop them there, not in the repository."""
     start = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, env=env,
-                         cwd=ROOT)
+                         cwd=cwd or ROOT)
     state = {"killed": None, "peak_tree": 0}
     done = threading.Event()
 
@@ -213,7 +215,7 @@ def build_corpus(args, work: Path) -> list[Case]:
             if args.debug:
                 traceback.print_exc()
     if args.big and (not only or "big" in only):
-        cases += mlp_big(Path(args.big_dir) if args.big_dir else work)
+        cases += mlp_big(Path(args.big_dir).resolve() if args.big_dir else work)
     if args.k:
         cases = [c for c in cases if any(k in c.name for k in args.k.split(","))]
     for c in cases:
@@ -255,7 +257,7 @@ def bench_case(case: Case, args, work: Path, earlier: dict) -> dict:
         dst = outdir / "model.onnx"
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         r = run_capped([sys.executable, str(ROOT / "bench" / "peer_tools.py"), tool, str(case.path), str(dst)],
-                       args.timeout, int(args.mem_cap * 2**30), env)
+                       args.timeout, int(args.mem_cap * 2**30), env, cwd=outdir)
         row = {"wall": r["wall"], "peak": r["peak"]}
         if r["killed"]:
             row["status"] = r["killed"]
@@ -291,7 +293,9 @@ def _mb(b) -> str:
 
 
 def _ratio(pair) -> str:
-    return f"{pair[2]:.2f}" if pair else "-"
+    if not pair:
+        return "-"
+    return f"{pair[2]:.2f}" if len(pair) > 2 else f"{pair[0] / pair[1]:.2f}"
 
 
 def table(name: str, source: str, rows: dict) -> str:
@@ -346,23 +350,76 @@ def targets(name: str, rows: dict) -> list[str]:
     ld = b.get("lat_default")
     if ld and ld[2] < 0.98:
         miss.append(f"2: default-level ratio {ld[2]:.2f} < 0.98")
-    lo = b.get("lat_off")
-    offs = {t: r["lat_off"][1] for t, r in peers.items() if r.get("lat_off")}
-    if lo and offs:
-        t, best = min(offs.items(), key=lambda kv: kv[1])
-        if lo[1] > best * 1.05:  # 5 %: the timing noise of a shared 2-core machine
-            miss.append(f"2: opt-off {lo[1] * 1e3:.2f} ms > {best * 1e3:.2f} ms ({t})")
-    starts = {t: r["start"][1] for t, r in peers.items() if r.get("start")}
+    # Latency and start time are compared as ratios to the original (timed alternately in one
+    # process), not as absolute times from different processes: on a loaded machine the
+    # absolute times of two identical graphs measured minutes apart differ by 20 %.
+    def rx(pair):
+        return None if not pair else (pair[2] if len(pair) > 2 else pair[0] / pair[1])
+
+    offs = {t: rx(r["lat_off"]) for t, r in peers.items() if r.get("lat_off")}
+    if b.get("lat_off") and offs:
+        t, best = max(offs.items(), key=lambda kv: kv[1])
+        if rx(b["lat_off"]) < best * 0.95:  # 5 %: the noise between identical graphs here
+            miss.append(f"2: opt-off x{rx(b['lat_off']):.2f} < x{best:.2f} ({t})")
+    starts = {t: rx(r["start"]) for t, r in peers.items() if r.get("start")}
     if b.get("start") and starts:
-        t, best = min(starts.items(), key=lambda kv: kv[1])
-        if b["start"][1] > best * 1.10 and b["start"][1] - best > 0.005:
-            miss.append(f"2: start {b['start'][1] * 1e3:.0f} ms > {best * 1e3:.0f} ms ({t})")
+        t, best = max(starts.items(), key=lambda kv: kv[1])
+        # and 20 ms: a session that starts in a few ms is all noise
+        if rx(b["start"]) < best * 0.90 and b["start"][1] > 0.020:
+            miss.append(f"2: start x{rx(b['start']):.2f} < x{best:.2f} ({t})")
     ortw = [rows[t]["wall"] for t in ("ort-basic", "ort-extended") if rows.get(t, {}).get("status") == "ok"]
     if ortw and b["wall"] > min(ortw):
         nv = rows.get("beats-noverify", {})
         extra = f", {nv['wall']:.2f} s without verification" if nv.get("status") == "ok" else ""
         miss.append(f"3: compile {b['wall']:.2f} s > ORT offline {min(ortw):.2f} s{extra}")
     return miss
+
+
+def parse_tables(text: str) -> dict:
+    """Rows back from tables this script printed (a run whose JSON was not written):
+    the printed precision, enough for the target checks."""
+    import re
+
+    def num(cell, scale=1.0):
+        try:
+            return float(cell) * scale
+        except ValueError:
+            return None
+
+    results: dict = {}
+    name = None
+    for line in text.splitlines():
+        if line.startswith("### "):
+            name = line[4:].split(" ")[0]
+            ir = re.search(r"original IR (\d+)", line)
+            src = re.search(r"\((.*); original IR", line)
+            results[name] = {"original": {"status": "-", "ir": int(ir.group(1)) if ir else 0,
+                                          "source": src.group(1) if src else ""}}
+            continue
+        if not name or not line.startswith("| ") or line.startswith("| tool"):
+            continue
+        c = [x.strip() for x in line.strip().strip("|").split("|")]
+        if c[0] == "original":
+            results[name]["original"].update(nodes=int(c[4]), weights=num(c[5], 2**20))
+            continue
+        status, _, err = c[1].partition(": ")
+        row = {"status": status, "wall": num(c[2]), "peak": num(c[3], 2**20)}
+        if err:
+            row["error"] = err
+        if c[4] != "-":
+            row["nodes"] = int(c[4].rstrip("*"))
+            row["nonstd"] = ["com.microsoft"] if c[4].endswith("*") else []
+        if c[5] != "-":
+            row["weights"] = num(c[5], 2**20)
+        if c[6] != "-":
+            row["diff"] = num(c[6])
+        for key, ms, x in (("lat_default", c[7], c[8]), ("lat_off", c[9], c[10]), ("start", c[11], c[12])):
+            if num(ms) is not None and num(x) is not None:
+                row[key] = [None, num(ms, 1e-3), num(x)]
+            elif ms == "n/a":
+                row["lat_off_error"] = "n/a"
+        results[name][c[0]] = row
+    return results
 
 
 def print_summary(misses: dict) -> None:
@@ -424,7 +481,9 @@ def main(argv=None) -> int:
     if args.report_only:
         merged: dict = {}
         for f in args.report_only.split(","):
-            for name, rows in json.loads(Path(f).read_text()).items():
+            text = Path(f).read_text()
+            loaded = parse_tables(text) if not f.endswith(".json") else json.loads(text)
+            for name, rows in loaded.items():
                 merged.setdefault(name, {}).update(rows)
         print_tables(merged, {})
         return 0
@@ -432,7 +491,7 @@ def main(argv=None) -> int:
     args.budget = args.budget or (3.0 if args.quick else 15.0)
     tmp = None
     if args.workdir:
-        work = Path(args.workdir)
+        work = Path(args.workdir).resolve()  # absolute: tools run with their output folder as cwd
         work.mkdir(parents=True, exist_ok=True)
     else:
         tmp = tempfile.mkdtemp(prefix="beats-peers-")

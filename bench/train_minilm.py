@@ -362,19 +362,34 @@ def fmt_bytes(n) -> str:
         n /= 1024
 
 
-def table(rows: list[dict], ref: dict | None, base_params: int) -> str:
-    head = ("| configuration | trainable params | adapter | ORT checkpoint | median step (ms) | vs ORT full FT "
-            "| peak RSS (MB) | held-out acc. | final loss |")
-    lines = [head, "|" + "---|" * 9]
+def paired_speedup(ref: dict, r: dict, warmup: int) -> float:
+    """Median over step indices of ref_step_i / r_step_i: step i of every
+    configuration ran in the same round of the round-robin, so the pairing
+    cancels slow drifts in machine load."""
+    a, b = ref["step_ms"][warmup:], r["step_ms"][warmup:]
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def table(rows: list[dict], base_params: int, warmup: int) -> str:
+    by = {r["name"]: r for r in rows if "error" not in r}
+    full = by.get("ort-full-ft")
+    lora = next((r for n, r in by.items() if n.startswith("peft-lora")), None)
+    head = ("| configuration | trainable params | adapter | ORT checkpoint | median step (ms) | speed-up vs ORT full FT "
+            "(ratio of medians / paired) | speed-up vs PEFT LoRA (ratio / paired) | peak RSS (MB) | held-out acc. "
+            "| final loss |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:120]} |||||||| ")
+            lines.append(f"| {r['name']} | failed: {r['error'][:120]} ||||||||| ")
             continue
-        speed = f"{ref['median_step_ms'] / r['median_step_ms']:.2f}x" if ref and "median_step_ms" in ref else "n/a"
+        cols = []
+        for ref in (full, lora):
+            cols.append("n/a" if ref is None else
+                        f"{ref['median_step_ms'] / r['median_step_ms']:.2f}x / {paired_speedup(ref, r, warmup):.2f}x")
         lines.append(
             f"| {r['name']} | {r['trainable_params']:,} ({100 * r['trainable_params'] / base_params:.2f}%) "
             f"| {fmt_bytes(r['adapter_bytes'])} | {fmt_bytes(r['checkpoint_bytes'])} | {r['median_step_ms']:.0f} "
-            f"(IQR {r['q1_step_ms']:.0f}-{r['q3_step_ms']:.0f}) | {speed} | {r['peak_rss_mb']:.0f} "
+            f"(IQR {r['q1_step_ms']:.0f}-{r['q3_step_ms']:.0f}) | {cols[0]} | {cols[1]} | {r['peak_rss_mb']:.0f} "
             f"| {100 * r['accuracy']:.1f}% | {r['final_loss']:.3f} |")
     return "\n".join(lines)
 
@@ -393,9 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[], help="run only configurations whose name contains this")
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp folder, removed)")
     p.add_argument("--out", default=str(REPO / "bench" / "train_minilm.md"))
+    p.add_argument("--render", metavar="JSON", help="print the table of an earlier run's JSON and exit")
     a = p.parse_args(argv)
     if a.worker:
         return worker_main(a.worker)
+    if a.render:
+        d = json.loads(Path(a.render).read_text())
+        print(table(d["results"], d["base_params"], d["args"]["warmup"]))
+        return 0
 
     import tempfile
 
@@ -477,12 +497,11 @@ def main(argv: list[str] | None = None) -> int:
                  losses=losses[name], step_ms=[1000 * x for x in times[name]])
         results[name] = r
     rows = [results[c["name"]] for c in cfgs if c["name"] in results]
-    ref = results.get("ort-full-ft")
     import onnx
 
     base_params = sum(int(np.prod(t.dims)) for t in onnx.load(str(model_path)).graph.initializer
                       if t.data_type == onnx.TensorProto.FLOAT)
-    md = table(rows, ref, base_params)
+    md = table(rows, base_params, a.warmup)
     import onnxruntime as ort_main
     import torch
 

@@ -9,6 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
+from .convert import _PACKED_4BIT, ExternalValues, open_external
 from .graph import (
     NONDETERMINISTIC_OPS,
     attr_key,
@@ -25,7 +26,6 @@ from .graph import (
     remove_nodes,
     replace_uses,
 )
-from .convert import _PACKED_4BIT, ExternalValues, open_external
 from .shapes import TypeMap, infer_types
 
 _INT64_MAX_ISH = 2**31 - 1  # exporters write INT_MAX or INT64_MAX for "to the end"

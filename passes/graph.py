@@ -55,12 +55,73 @@ def is_empty(t: gs.Tensor) -> bool:
 _CACHE_LIMIT = 1 << 20
 
 
+# onnx < 1.18 maps bfloat16/float8/int4 to structured uint8/uint16 dtypes
+# (one field named after the type); ml_dtypes has the real ones.
+_ML_DTYPES = {"bfloat16": "bfloat16", "e4m3fn": "float8_e4m3fn", "e4m3fnuz": "float8_e4m3fnuz",
+              "e5m2": "float8_e5m2", "e5m2fnuz": "float8_e5m2fnuz"}
+
+
+_ML_ENUMS = {onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.FLOAT8E4M3FN: "float8_e4m3fn",
+             onnx.TensorProto.FLOAT8E4M3FNUZ: "float8_e4m3fnuz", onnx.TensorProto.FLOAT8E5M2: "float8_e5m2",
+             onnx.TensorProto.FLOAT8E5M2FNUZ: "float8_e5m2fnuz"}
+
+
+def _ml_dtype(dt: np.dtype) -> np.dtype:
+    if dt.names and len(dt.names) == 1 and dt.names[0] in _ML_DTYPES:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, _ML_DTYPES[dt.names[0]]))
+    return dt
+
+
+def onnx_dtype(dt: np.dtype) -> int:
+    """The TensorProto element type of a numpy (or ml_dtypes) dtype, also on onnx < 1.18."""
+    try:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dt))
+    except (ValueError, KeyError, TypeError):
+        names = {v: k for k, v in _ML_DTYPES.items()}
+        name = names.get(np.dtype(dt).name)
+        if name is None:
+            raise
+        return {"bfloat16": onnx.TensorProto.BFLOAT16, "e4m3fn": onnx.TensorProto.FLOAT8E4M3FN,
+                "e4m3fnuz": onnx.TensorProto.FLOAT8E4M3FNUZ, "e5m2": onnx.TensorProto.FLOAT8E5M2,
+                "e5m2fnuz": onnx.TensorProto.FLOAT8E5M2FNUZ}[name]
+
+
+def _ml_bits(t: gs.Constant) -> np.ndarray | None:
+    """bfloat16/float8 values read from the stored bits: gs on onnx < 1.18
+    converts them through float32 into a mislabelled array."""
+    v = t._values
+    if not (isinstance(t.dtype, int) and t.dtype in _ML_ENUMS and type(v) is LazyValues):
+        return None
+    import ml_dtypes
+
+    tensor, dt = v.tensor, np.dtype(getattr(ml_dtypes, _ML_ENUMS[t.dtype]))
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    shape = tuple(int(d) for d in tensor.dims)
+    if tensor.HasField("raw_data"):
+        return np.frombuffer(tensor.raw_data, dt).reshape(shape).copy()
+    bits = np.asarray(tensor.int32_data, np.uint32)  # one value per int32, in the low bits
+    return bits.astype(np.uint16 if dt.itemsize == 2 else np.uint8).view(dt).reshape(shape)
+
+
 def const_value(t: gs.Constant) -> np.ndarray:
     v = t._values
+    bits = _ml_bits(t)
+    if bits is not None:
+        return bits
     with quiet():  # gs warns on stdout when it loads bfloat16 and other non-numpy types
         if isinstance(v, LazyValues) and v.nbytes > _CACHE_LIMIT:
-            return np.asarray(v.load())
-        return np.asarray(t.values)
+            a = np.asarray(v.load())
+        else:
+            a = np.asarray(t.values)
+            if isinstance(v, LazyValues) and getattr(t, "data_location", None) is not None:
+                # gs now holds the values in memory: export them inline, not as an external
+                # reference without a location (a small external weight read by a pass)
+                t.data_location = None
+    ml = _ml_dtype(a.dtype)
+    return a.view(ml) if ml is not a.dtype else a
 
 
 def const_shape(t: gs.Constant) -> tuple[int, ...]:
@@ -73,8 +134,12 @@ def const_dtype(t: gs.Constant) -> np.dtype | None:
     dt = t.dtype
     try:
         if isinstance(dt, int):  # gs keeps types numpy lacks (bfloat16, float8) as ONNX enums
-            return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt))
-        return np.dtype(dt)
+            if dt in _ML_ENUMS:  # onnx < 1.18 maps these to float32 or structured dtypes
+                import ml_dtypes
+
+                return np.dtype(getattr(ml_dtypes, _ML_ENUMS[dt]))
+            return _ml_dtype(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dt)))
+        return _ml_dtype(np.dtype(dt))
     except (TypeError, KeyError, ValueError):
         return None
 

@@ -13,7 +13,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .graph import NameScope, const_value, io_ids, is_const, is_standard, iter_graphs, producer, remove_nodes
+from .graph import (
+    NameScope,
+    const_value,
+    io_ids,
+    is_const,
+    is_standard,
+    iter_graphs,
+    producer,
+    remove_nodes,
+)
 from .shapes import TypeMap, infer_types
 
 

@@ -17,7 +17,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .graph import bypass, const_dtype, const_nbytes, const_shape, const_value, is_const, is_standard, iter_graphs
+from .graph import (
+    bypass,
+    const_dtype,
+    const_nbytes,
+    const_shape,
+    const_value,
+    is_const,
+    is_standard,
+    iter_graphs,
+)
 from .shapes import TypeMap, infer_types
 
 # op -> (neutral value, operand slots the constant may occupy)

@@ -34,7 +34,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import NameScope, const_dtype, const_value, is_const, is_standard, producer, replace_uses
+from .graph import NameScope, const_dtype, const_value, is_const, is_standard, onnx_dtype, producer, replace_uses
 
 RECORD_KEY = "beats.reparam"
 FORMAT_VERSION = 1
@@ -595,10 +595,10 @@ def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, 
     if wdt == np.float32:
         eff = add("Add", [w, dv], f"{rec.weight}.beats_W")
     elif wdt.itemsize > 4:  # float64: widen the delta, never round W0 through float32
-        dv = add("Cast", [dv], f"{rec.weight}.beats_DVw", dtype=wdt, to=onnx.helper.np_dtype_to_tensor_dtype(wdt))
+        dv = add("Cast", [dv], f"{rec.weight}.beats_DVw", dtype=wdt, to=onnx_dtype(wdt))
         eff = add("Add", [w, dv], f"{rec.weight}.beats_W", dtype=wdt)
     else:  # float16: add in float32, cast back
-        onnx_dt = onnx.helper.np_dtype_to_tensor_dtype(wdt)
+        onnx_dt = onnx_dtype(wdt)
         w32 = add("Cast", [w], f"{rec.weight}.beats_W0f", to=onnx.TensorProto.FLOAT)
         s = add("Add", [w32, dv], f"{rec.weight}.beats_Wf")
         eff = add("Cast", [s], f"{rec.weight}.beats_W", to=onnx_dt)
@@ -674,7 +674,12 @@ def _as_constant(name: str, value: np.ndarray) -> gs.Constant:
     export writes), not as an array plus a serialized copy."""
     if value.nbytes <= 1 << 20 and value.dtype in (np.float16, np.float32, np.float64):
         return gs.Constant(name, value)
-    return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(value, name)))
+    try:
+        tensor = onnx.numpy_helper.from_array(value, name)
+    except ValueError:  # onnx < 1.18 cannot take ml_dtypes arrays: write the bits
+        tensor = onnx.helper.make_tensor(name, onnx_dtype(value.dtype), value.shape,
+                                         np.ascontiguousarray(value).tobytes(), raw=True)
+    return gs.Constant(name, LazyValues(tensor))
 
 
 def _check_shapes(rec: Record, vals: dict[str, np.ndarray]) -> None:

@@ -17,7 +17,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassResult
-from ..graph import const_dtype, io_ids, is_standard, iter_graphs, producer, remove_nodes
+from ..graph import (
+    const_dtype,
+    io_ids,
+    is_standard,
+    iter_graphs,
+    producer,
+    remove_nodes,
+)
 from ..shapes import TypeMap, infer_types
 from .matmul_add import _bias_ok
 

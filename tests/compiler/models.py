@@ -44,11 +44,11 @@ def rich_model() -> onnx.ModelProto:
         H("MatMul", ["d", "w2"], ["q"]),
         H("Add", ["q", "b3"], ["q1"]),
         H("Add", ["q1", "zero4"], ["q2"]),
-        H("Scaler", ["q2"], ["sc"], domain="ai.onnx.ml", offset=[0.1, 0.2, 0.3, 0.4], scale=[1.0, 2.0, 0.5, 1.5]),
-        H("Cast", ["sc"], ["sc1"], to=TensorProto.FLOAT),
-        H("Unsqueeze", ["sc1", "ax0"], ["u1"]),
+        H("Unsqueeze", ["q2", "ax0"], ["u1"]),
         H("Unsqueeze", ["u1", "ax0"], ["u2"]),
-        H("Squeeze", ["u2", "ax01"], ["vec_out"]),
+        H("Squeeze", ["u2", "ax01"], ["q3"]),
+        H("Scaler", ["q3"], ["scl"], domain="ai.onnx.ml", offset=[0.1, 0.2, 0.3, 0.4], scale=[1.0, 2.0, 0.5, 1.5]),
+        H("Cast", ["scl"], ["vec_out"], to=TensorProto.FLOAT),
         H("Exp", ["vec"], ["dead"]),
     ]
     inits = {

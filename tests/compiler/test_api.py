@@ -131,7 +131,7 @@ def test_deterministic_across_processes(tmp_path, rich):
 
 
 def test_disable_passes(rich):
-    res = compile(rich, verify=False, disable=["fuse_matmul_add", "fuse_conv_batchnorm"])
+    res = compile(rich, verify=False, disable=["fuse_matmul_add", "fuse_conv_batchnorm", "fuse_transposed_gemm"])
     names = {p["name"] for p in res.report.passes}
     assert "fuse_matmul_add" not in names and "fuse_conv_batchnorm" not in names
     assert "BatchNormalization" in ops(res.model) and "Gemm" not in ops(res.model)

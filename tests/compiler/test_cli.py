@@ -121,7 +121,7 @@ def test_user_inputs(model_file, tmp_path):
 
 def test_disable_pass(model_file, tmp_path):
     proc = cli(model_file, "--disable-pass", "fuse_conv_batchnorm", "--disable-pass", "fuse_matmul_add",
-               "--report", tmp_path / "r.json", "-q", "--no-verify")
+               "--disable-pass", "fuse_transposed_gemm", "--report", tmp_path / "r.json", "-q", "--no-verify")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((tmp_path / "r.json").read_text())
     assert not {"fuse_conv_batchnorm", "fuse_matmul_add"} & {p["name"] for p in rep["passes"]}

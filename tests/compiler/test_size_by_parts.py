@@ -2,7 +2,6 @@
 encoding them (upb sizes a message by encoding it); the result is exact."""
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from beats_compiler import io

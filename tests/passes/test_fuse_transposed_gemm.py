@@ -7,7 +7,15 @@ from onnx import TensorProto, helper
 from beats_compiler.targets import TARGETS
 from passes import EliminateDeadCode
 from passes.fusions import FuseTransposedGemm
-from tests.helpers import apply, assert_same_on_ort, f32, init_names, make_model, ops, vi
+from tests.helpers import (
+    apply,
+    assert_same_on_ort,
+    f32,
+    init_names,
+    make_model,
+    ops,
+    vi,
+)
 
 H = helper.make_node
 K, N = 4, 5

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 from beats_compiler.targets import TARGETS
 from passes import EliminateDeadCode, MergeUnsqueeze
 from passes.merge_unsqueeze import combine
-from tests.helpers import apply, assert_same_on_ort, f32, make_model, ops, vi
+from tests.helpers import apply, assert_same_on_ort, f32, ops, vi
 
 H = helper.make_node
 
@@ -57,7 +57,7 @@ def test_inner_read_elsewhere_kept_but_outer_reads_x():
     m, _ = chain([0], [2], extra=[H("Neg", ["m"], ["z"])])
     out, res = run(m)
     assert sorted(ops(out)) == ["Neg", "Unsqueeze", "Unsqueeze"] and res.stats == {"merged": 1}
-    assert [n for n in out.graph.node if n.output[0] == "y"][0].input[0] == "x"
+    assert next(n for n in out.graph.node if n.output[0] == "y").input[0] == "x"
 
 
 def test_combine_matches_numpy():
