@@ -20,7 +20,7 @@ from passes import (
 )
 
 from passes.fp16 import RemoveRedundantCasts
-from passes.fusions import FuseTransposedGemm
+from passes.fusions import FuseConvAffine, FuseTransposedGemm
 from passes.merge_unsqueeze import MergeUnsqueeze
 from passes.neutral_elementwise import EliminateNeutralElementwise
 from passes.schema_casts import EliminateSchemaTypedCasts
@@ -83,6 +83,7 @@ PASSES: dict[str, Callable[[PipelineOptions], Pass]] = {
     "fuse_conv_batchnorm": lambda o: FuseConvBatchNorm(),
     "fuse_matmul_add": lambda o: FuseMatMulAdd(),
     "fuse_transposed_gemm": lambda o: FuseTransposedGemm(),
+    "fuse_conv_affine": lambda o: FuseConvAffine(),
     "eliminate_neutral_elementwise": lambda o: EliminateNeutralElementwise(),
     "merge_unsqueeze": lambda o: MergeUnsqueeze(),
     "eliminate_schema_typed_casts": lambda o: EliminateSchemaTypedCasts(),
@@ -107,6 +108,7 @@ _CPU_PASSES = (
     "dedupe_initializers",
     "eliminate_common_subexpressions",
     "fuse_conv_batchnorm",
+    "fuse_conv_affine",
     "fuse_matmul_add",
     "eliminate_dead_code",
 )

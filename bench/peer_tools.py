@@ -50,6 +50,12 @@ def beats_noverify(src, dst):
     beats(src, dst, "--no-verify")
 
 
+def beats_fold1g(src, dst):
+    """Folding without the default 4 MiB growth cap per fold (the light zoo's weights are
+    ConstantOfShape nodes: folding them is what the peers' node counts come from)."""
+    beats(src, dst, "--fold-size-limit", "1G")
+
+
 def onnxsim(src, dst):
     import onnxsim as sim
 
@@ -138,6 +144,7 @@ def ort_transformers(src, dst):
 TOOLS = {
     "beats": beats,
     "beats-noverify": beats_noverify,
+    "beats-fold1G": beats_fold1g,
     "onnxsim": onnxsim,
     "onnxslim": onnxslim,
     "onnxoptimizer": onnxoptimizer,
@@ -150,7 +157,27 @@ TOOLS = {
 }
 
 
+def _write_peak(path: str) -> None:
+    """Peak RSS of this process (VmHWM, reset at exec) and of its waited-for children:
+    the coordinator's ru_maxrss from wait4 also counts the pages a forked child shares
+    with the coordinator before exec, which is the coordinator's own size."""
+    import resource
+
+    hwm = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                hwm = int(line.split()[1]) * 1024
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    Path(path).write_text(str(max(hwm, kids)))
+
+
 if __name__ == "__main__":
     tool, src, dst = sys.argv[1:4]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    TOOLS[tool](src, dst)
+    try:
+        TOOLS[tool](src, dst)
+    except SystemExit as e:
+        _write_peak(dst + ".peak")
+        raise SystemExit(e.code) from None
+    _write_peak(dst + ".peak")

@@ -174,7 +174,7 @@ def run_capped(cmd: list[str], timeout: float, mem_cap: int, env=None, cwd=None)
     # ru_maxrss of the direct child; a tool that runs a grandchild (beats' CLI, polygraphy) is
     # covered by the polled tree RSS.
     peak = max(usage.ru_maxrss * 1024, state["peak_tree"])
-    return {"rc": p.returncode, "wall": wall, "peak": peak, "killed": state["killed"],
+    return {"rc": p.returncode, "wall": wall, "peak": peak, "peak_tree": state["peak_tree"], "killed": state["killed"],
             "stdout": (out_chunks or [b""])[0].decode(errors="replace"),
             "stderr": (err_chunks or [b""])[0].decode(errors="replace")}
 
@@ -237,6 +237,8 @@ def tools_for(case: Case, args) -> list[str]:
     names = args.tools.split(",") if args.tools else list(TOOLS)
     if "ort-transformers" in names and not any(h in case.name for h in TRANSFORMER_HINTS):
         names.remove("ort-transformers")
+    if "beats-fold1G" in names and not case.name.startswith("light_"):  # only the light zoo needs it
+        names.remove("beats-fold1G")
     return names
 
 
@@ -258,7 +260,9 @@ def bench_case(case: Case, args, work: Path, earlier: dict) -> dict:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         r = run_capped([sys.executable, str(ROOT / "bench" / "peer_tools.py"), tool, str(case.path), str(dst)],
                        args.timeout, int(args.mem_cap * 2**30), env, cwd=outdir)
-        row = {"wall": r["wall"], "peak": r["peak"]}
+        peak_file = Path(str(dst) + ".peak")
+        # The tool's own report when it finished; the polled tree RSS when it was killed.
+        row = {"wall": r["wall"], "peak": int(peak_file.read_text()) if peak_file.exists() else r["peak_tree"]}
         if r["killed"]:
             row["status"] = r["killed"]
         elif r["rc"] != 0 or not dst.exists():
@@ -327,15 +331,16 @@ def table(name: str, source: str, rows: dict) -> str:
     return "\n".join(out)
 
 
-def targets(name: str, rows: dict) -> list[str]:
-    """Issue 7's targets 1-3 and 5 for one model: a list of misses (empty = all met)."""
-    b = rows.get("beats")
+def targets(name: str, rows: dict, who: str = "beats") -> list[str]:
+    """Issue 7's targets 1-3 and 5 for one model and beats row ``who``: a list of misses
+    (empty = all met)."""
+    b = rows.get(who)
     if not b:
-        return []
+        return [f"not judged: no {who} row"]
     if b["status"] != "ok":
         return [f"5: beats {b['status']} {b.get('error', '')}"]
     miss = []
-    peers = {t: r for t, r in rows.items() if t not in ("original", "beats", "beats-noverify") and r["status"] == "ok"}
+    peers = {t: r for t, r in rows.items() if not t.startswith("beats") and t != "original" and r["status"] == "ok"}
     std = {t: r for t, r in peers.items() if not r.get("nonstd")}
     if std:
         best_nodes = min(r["nodes"] for r in std.values())
@@ -439,6 +444,10 @@ def print_tables(results: dict, sources: dict) -> None:
         misses[name] = targets(name, rows)
         print()
         print("targets: " + ("met" if not misses[name] else "; ".join(misses[name])))
+        if "beats-fold1G" in rows:
+            alt = targets(name, rows, "beats-fold1G")
+            print("targets (beats-fold1G): " + ("met" if not alt else "; ".join(alt)))
+            misses[name + " (beats-fold1G)"] = alt
     print_summary(misses)
 
 

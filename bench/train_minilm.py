@@ -287,7 +287,7 @@ def worker_main(spec_path: str) -> int:
             w = PeftWorker(cfg, spec["threads"], train, evalset, spec["batch_size"], spec["workdir"])
         else:
             w = OrtWorker(cfg, spec["model"], spec["workdir"], spec["threads"], train, evalset, spec["batch_size"])
-    except Exception as exc:  # reported to the coordinator, which prints the table without this row
+    except Exception as exc:  # noqa: BLE001  (reported to the coordinator, which prints the table without this row)
         out.write(json.dumps({"error": f"{type(exc).__name__}: {' '.join(str(exc).split())[:800]}"}) + "\n")
         out.flush()
         return 1
@@ -317,7 +317,7 @@ class Proc:
         env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
                    OMP_WAIT_POLICY="PASSIVE")  # torch's OpenMP threads do not spin either (cf. ORT allow_spinning=0)
-        self.log = open(log, "w")
+        self.log = open(log, "w")  # noqa: SIM115  (closed in close())
         self.p = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", str(spec_path)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                   env=env, cwd=str(REPO))

@@ -627,9 +627,12 @@ def _build_branch(graph, rec: Record, uses: list[Use], c: dict, names: NameScope
             new.append(n)
             return t
 
+        # D scales B's columns ([R, out], tiny) rather than the activations
+        # ([..., out]): one elementwise op per step on R x out values instead of
+        # a full-size one forward and backward.  Same delta, (A @ B) * D.
+        bd = add("Mul", [c["B"], c["D"]], f"{y.name}.beats_BD")
         xa = add("MatMul", [x, c["A"]], f"{y.name}.beats_xA")
-        xab = add("MatMul", [xa, c["B"]], f"{y.name}.beats_xAB")
-        side = add("Mul", [xab, c["D"]], f"{y.name}.beats_side")
+        side = add("MatMul", [xa, bd], f"{y.name}.beats_side")
         base = gs.Variable(names.fresh(f"{y.name}.beats_base"), dtype=y.dtype, shape=y.shape)
         node.outputs[0] = base
         add_node = gs.Node("Add", name=names.fresh(f"{rec.weight}.beats_Add"), inputs=[base, side], outputs=[y])

@@ -21,7 +21,8 @@ def rich_model() -> onnx.ModelProto:
     nodes = [
         H("Identity", ["img"], ["img1"]),
         H("Conv", ["img1", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], name="conv"),
-        H("BatchNormalization", ["c", "sc", "be", "mu", "va"], ["bn"]),
+        H("BatchNormalization", ["c", "sc", "be", "mu", "va"], ["bn0"]),
+        H("Mul", ["bn0", "chs"], ["bn"]),  # fuse_conv_affine, once the BatchNormalization is fused
         H("Relu", ["bn"], ["r1"]),
         H("Relu", ["bn"], ["r2"]),
         H("Add", ["r1", "r2"], ["img_out"]),
@@ -59,6 +60,7 @@ def rich_model() -> onnx.ModelProto:
         "last": np.array(-1, np.int64),
         "w2": f32(4, 4, seed=7), "b3": f32(4, seed=8), "zero4": np.zeros(4, np.float32),
         "ax0": np.array([0], np.int64), "ax01": np.array([0, 1], np.int64),
+        "chs": np.array([0.5, 2.0], np.float32).reshape(2, 1, 1),
     }
     g = helper.make_graph(nodes, "test", [vi("img", [1, 3, 6, 6]), vi("vec", ["N", 4])],
                           [vi("img_out", [1, 2, 6, 6]), vi("vec_out", ["N", 4])],

@@ -391,7 +391,7 @@ def test_branch_layout_structure(name):
         readers = [n for n in m.graph.node if r.weight in n.input]
         assert readers and all(n.name not in r.nodes and as_original(n).SerializeToString() in original
                                for n in readers)
-        # side path: Add(base, Mul(MatMul(MatMul(x, A), B), D)) for each consumer
+        # side path: Add(base, MatMul(MatMul(x, A), Mul(B, D))) for each consumer
         adds = [n for n in m.graph.node if n.name in r.nodes and n.op_type == "Add"]
         assert len(adds) == len([n for n in case.model.graph.node if n.op_type in ("MatMul", "Gemm")
                                  and r.weight in _reads(case.model, n)])
@@ -399,10 +399,10 @@ def test_branch_layout_structure(name):
             base, side = add.input
             orig = as_original(by_out[base])  # the original node, writing a renamed output
             assert orig.SerializeToString() in original and base in r.renamed
-            mul = by_out[side]
-            assert mul.op_type == "Mul" and mul.input[1] == r.D
-            mm_b = by_out[mul.input[0]]
-            assert mm_b.op_type == "MatMul" and mm_b.input[1] == r.B
+            mm_b = by_out[side]
+            assert mm_b.op_type == "MatMul"
+            mul = by_out[mm_b.input[1]]
+            assert mul.op_type == "Mul" and list(mul.input) == [r.B, r.D]
             mm_a = by_out[mm_b.input[0]]
             assert mm_a.op_type == "MatMul" and mm_a.input[1] == r.A
             assert mm_a.input[0] == by_out[base].input[0]  # x: the original node's activation input
