@@ -1,4 +1,5 @@
-"""Unsqueeze(Unsqueeze(x, a1), a2) -> Unsqueeze(x, a): one node for a chain.
+"""Unsqueeze(Unsqueeze(x, a1), a2) -> Unsqueeze(x, a): one node for a chain;
+Unsqueeze(Squeeze(x, a), a) -> x (the squeezed dims come back where they were).
 
 torch's dynamo exporter writes attention-mask broadcasting as chains of
 Unsqueeze with constant axes.  Each outer Unsqueeze is rewritten to read x
@@ -15,6 +16,7 @@ import onnx_graphsurgeon as gs
 from .base import Pass, PassResult
 from .graph import (
     NameScope,
+    bypass,
     const_value,
     io_ids,
     is_const,
@@ -53,7 +55,7 @@ class MergeUnsqueeze(Pass):
     def call(self, graph: gs.Graph) -> PassResult:
         tm: TypeMap | None = None
         names: NameScope | None = None
-        merged = 0
+        merged = cancelled = 0
         for g in iter_graphs(graph):
             _, out_ids = io_ids(g)
             local = {id(n) for n in g.nodes}
@@ -61,6 +63,19 @@ class MergeUnsqueeze(Pass):
                 if outer.op != "Unsqueeze" or not is_standard(outer) or len(outer.outputs) != 1:
                     continue
                 inner = producer(outer.inputs[0])
+                if (inner is not None and id(inner) in local and inner.op == "Squeeze" and is_standard(inner)
+                        and len(inner.inputs) >= 1):
+                    # Unsqueeze(Squeeze(x, a), a) == x: the squeezed dims were 1 and come back in place.
+                    sq, usq = _axes(inner), _axes(outer)
+                    tm = tm or infer_types(graph)
+                    r = tm.rank(inner.inputs[0])
+                    if sq and usq and r is not None and len(sq) == len(usq):
+                        ns, nu = {a % r for a in sq if -r <= a < r}, {a % r for a in usq if -r <= a < r}
+                        if len(ns) == len(sq) == len(nu) and ns == nu and bypass(g, outer, inner.inputs[0],
+                                                                                outer.outputs[0]):
+                            local.discard(id(outer))
+                            cancelled += 1
+                    continue
                 if inner is None or id(inner) not in local or inner.op != "Unsqueeze" or not is_standard(inner):
                     continue
                 a1, a2 = _axes(inner), _axes(outer)
@@ -87,5 +102,6 @@ class MergeUnsqueeze(Pass):
                 if not mid.outputs and id(mid) not in out_ids:
                     remove_nodes(g, [inner])
                     local.discard(id(inner))
-        return PassResult(merged > 0, {"merged": merged} if merged else {})
+        stats = {k: v for k, v in (("merged", merged), ("cancelled", cancelled)) if v}
+        return PassResult(bool(stats), stats)
 

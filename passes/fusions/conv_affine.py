@@ -15,7 +15,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..base import Pass, PassResult
-from ..graph import NameScope, bypass, const_value, io_ids, is_const, is_standard, iter_graphs
+from ..graph import (
+    NameScope,
+    bypass,
+    const_value,
+    io_ids,
+    is_const,
+    is_standard,
+    iter_graphs,
+)
 
 _FLOATS = ("float16", "float32", "float64")
 

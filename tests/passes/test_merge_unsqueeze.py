@@ -74,3 +74,22 @@ def test_combine_matches_numpy():
 
 def test_in_cpu_pipeline():
     assert "merge_unsqueeze" in TARGETS["cpu"].passes
+
+
+@pytest.mark.parametrize("sq,usq", [([1], [1]), ([1], [-2]), ([0, 2], [2, 0]), ([1], [0])],
+                         ids=["same", "negative", "two", "other-axis"])
+def test_squeeze_unsqueeze_cancelled(sq, usq):
+    x_shape = [3, 1, 1] if len(sq) == 2 else [3, 1, 5]
+    if len(sq) == 2:
+        x_shape = [1, 3, 1]
+    mid = list(np.squeeze(np.zeros(x_shape), tuple(sq)).shape)
+    y = list(np.expand_dims(np.zeros(mid), tuple(usq)).shape)
+    m = helper.make_model(helper.make_graph(
+        [helper.make_node("Squeeze", ["x", "a"], ["m"]), helper.make_node("Unsqueeze", ["m", "b"], ["u"]),
+         helper.make_node("Neg", ["u"], ["y"])], "t", [vi("x", x_shape)], [vi("y", y)],
+        [helper.make_tensor("a", TensorProto.INT64, [len(sq)], sq), helper.make_tensor("b", TensorProto.INT64, [len(usq)], usq)]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    out, (res, _) = apply(m, MergeUnsqueeze(), EliminateDeadCode())
+    assert_same_on_ort(m, out, {"x": f32(*x_shape)}, rtol=0, atol=0)
+    same = sorted(a % len(x_shape) for a in sq) == sorted(a % len(x_shape) for a in usq)
+    assert (ops(out) == ["Neg"]) == same
