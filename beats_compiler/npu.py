@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
+from .verify import _short, load_inputs
 
 EP_NAME = "QNNExecutionProvider"
 _registered = False
@@ -67,10 +68,6 @@ def _devices():
     return devs
 
 
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
-
 
 # --------------------------------------------------------------------------- calibration data
 
@@ -99,14 +96,7 @@ def graph_inputs(model: onnx.ModelProto) -> dict[str, tuple[np.dtype, list | Non
 
 
 def load_calib(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: calibration file not found")
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except Exception as exc:
-        raise InputError(f"{p}: not a readable .npz file ({_short(exc)})") from None
+    return load_inputs(path, "calibration")
 
 
 def split_samples(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray],

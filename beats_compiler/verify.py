@@ -320,11 +320,12 @@ def _overridable(sess) -> set[str]:
         return set()
 
 
-def load_inputs(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` of input name -> array, as ``InputError`` on failure."""
+def load_inputs(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.ndarray]:
+    """Read an ``.npz`` of name -> array, as ``InputError`` on failure
+    (``what`` names the file in the message: inputs, calibration, training data...)."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{p}: inputs file not found")
+        raise InputError(f"{p}: {what} file not found")
     try:
         with np.load(p, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}

@@ -192,15 +192,9 @@ def _fold(result: TrainResult, art: Path, out: Path, atol: float, progress) -> N
 
 
 def _load_npz(path: Path, what: str) -> dict:
-    import numpy as np
+    from ..verify import load_inputs
 
-    if not path.is_file():
-        raise InputError(f"{path}: {what} file not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable .npz ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    return load_inputs(path, what)
 
 
 def _validate(arrays: dict, path: Path, man: dict, label_key: str) -> tuple[dict, int]:
