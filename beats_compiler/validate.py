@@ -337,8 +337,9 @@ def _check_strings(model: onnx.ModelProto, where: str) -> None:
 
 
 def _is_repeated(fd) -> bool:
-    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6 drops FieldDescriptor.label
-    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
+    from .io import _repeated
+
+    return _repeated(fd)
 
 
 def _check_versions(model: onnx.ModelProto, where: str) -> None:
@@ -524,25 +525,11 @@ def check_declared_types(model: onnx.ModelProto, where: str = "model") -> None:
     left to the passes, which record them."""
     from onnx.external_data_helper import uses_external_data
 
-    shell = onnx.ModelProto()
-    for fd, value in model.ListFields():
-        if fd.name != "graph":
-            if _is_repeated(fd):
-                getattr(shell, fd.name).extend(value)
-            elif fd.message_type is not None:
-                getattr(shell, fd.name).CopyFrom(value)
-            else:
-                setattr(shell, fd.name, value)
+    from .io import _copy_except
+
+    shell = _copy_except(model, "graph")
+    shell.graph.CopyFrom(_copy_except(model.graph, "initializer"))
     g = shell.graph
-    for fd, value in model.graph.ListFields():
-        if fd.name == "initializer":
-            continue
-        if _is_repeated(fd):
-            getattr(g, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(g, fd.name).CopyFrom(value)
-        else:
-            setattr(g, fd.name, value)
     listed = {i.name for i in g.input}
     for t in model.graph.initializer:
         n = math.prod(t.dims) if t.dims else 1
