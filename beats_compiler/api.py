@@ -235,6 +235,7 @@ def compile(  # noqa: A001 - the product's verb
     weight_type: str = "uint8",
     per_channel: bool = False,
     min_cosine: float | None = None,
+    soc_model: int | None = None,
 ) -> CompileResult:
     """Optimize ``model`` for ``target`` and (unless ``verify=False``) prove on
     ONNX Runtime that the result computes the same outputs.
@@ -247,12 +248,17 @@ def compile(  # noqa: A001 - the product's verb
     gpu: ``fp32_ops`` extends the fp16 block list.  npu: ``input_shapes``
     fixes dynamic dims; ``calib`` is an .npz path or a dict of arrays stacked
     on a first (sample) axis, or "random"; ``precompile`` adds an EPContext
-    model (``result.precompiled``); ``min_cosine`` overrides the profile's bar.
+    model (``result.precompiled``); ``min_cosine`` overrides the profile's bar;
+    ``activation_type`` "uint8"/"uint16" quantizes (QDQ), "float16" keeps the
+    float model for the HTP's fp16 mode (``soc_model``: QNN's SoC number).
     """
     profile = get_target(target)
     if profile.convert == "none":
         given = [flag for flag, v in (("--input-shape", input_shapes), ("--calib", calib), ("--fp32-ops", list(fp32_ops)),
-                                      ("--precompile", precompile)) if v]
+                                      ("--precompile", precompile), ("--activation-type", activation_type != "uint8"),
+                                      ("--weight-type", weight_type != "uint8"), ("--per-channel", per_channel),
+                                      ("--min-cosine", min_cosine is not None), ("--soc-model", soc_model is not None))
+                 if v]
         if given:
             raise InputError(f"{', '.join(given)}: not used by target {profile.name} (see --target gpu|npu)")
         knobs = {k: v for k, v in (("fold_size_limit", fold_size_limit), ("fold_memory_limit", fold_memory_limit))
@@ -267,7 +273,7 @@ def compile(  # noqa: A001 - the product's verb
         fold_size_limit=fold_size_limit, check_each_pass=check_each_pass, measure_latency=measure_latency,
         progress=progress, strict=strict, input_shapes=input_shapes, calib=calib, fp32_ops=fp32_ops,
         precompile=precompile, activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
-        min_cosine=min_cosine,
+        min_cosine=min_cosine, fold_memory_limit=fold_memory_limit, soc_model=soc_model,
     )
 
 

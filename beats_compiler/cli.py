@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--calib", metavar="DATA.npz|random",
                    help="npu: calibration samples (per input, stacked on a first axis; a quarter is held out "
                         "for the accuracy check), or 'random' (accuracy on real data then unknown)")
-    t.add_argument("--activation-type", default="uint8", choices=("uint8", "uint16"), help="npu: activation type (default uint8)")
+    t.add_argument("--activation-type", default="uint8", choices=("uint8", "uint16", "float16"),
+                   help="npu: activation type (default uint8); float16 quantizes nothing: the HTP runs the model in fp16")
+    t.add_argument("--soc-model", type=int, metavar="N",
+                   help="npu with --activation-type float16: QNN's SoC model number for the HTP's fp16 mode (default 60)")
     t.add_argument("--weight-type", default="uint8", choices=("uint8", "int8"), help="npu: weight type (default uint8)")
     t.add_argument("--per-channel", action="store_true", help="npu: per-channel weights (Conv; MatMul/Gemm as int8 symmetric per output channel)")
     t.add_argument("--min-cosine", type=_positive_float, metavar="C",
@@ -382,6 +385,7 @@ def run_compile(args: argparse.Namespace, console) -> int:
             weight_type=args.weight_type,
             per_channel=args.per_channel,
             min_cosine=args.min_cosine,
+            soc_model=args.soc_model,
         )
 
     def write_ctx(_out: Path) -> None:

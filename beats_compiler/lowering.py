@@ -67,7 +67,8 @@ def _update_after(report, model: onnx.ModelProto) -> None:
 def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol, atol, disable, max_rounds,
                     fold_size_limit, check_each_pass, measure_latency, progress, strict: bool, input_shapes,
                     calib, fp32_ops: Iterable[str], precompile: bool, activation_type: str, weight_type: str,
-                    per_channel: bool, min_cosine: float | None):
+                    per_channel: bool, min_cosine: float | None, fold_memory_limit: int | None = None,
+                    soc_model: int | None = None):
     from .api import _as_loaded, _optimize
 
     t0 = time.perf_counter()
@@ -81,7 +82,18 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
     fp32_ops = tuple(o.strip() for o in fp32_ops if o and o.strip())
     if fp32_ops and profile.convert != "fp16":
         raise InputError("--fp32-ops applies to the gpu target only")
-    base_opts = {} if fold_size_limit is None else {"fold_size_limit": fold_size_limit}
+    base_opts = {k: v for k, v in (("fold_size_limit", fold_size_limit), ("fold_memory_limit", fold_memory_limit))
+                 if v is not None}
+    if profile.convert != "qdq" and (soc_model is not None or activation_type != "uint8" or weight_type != "uint8"
+                                     or per_channel or min_cosine is not None):
+        raise InputError("--activation-type, --weight-type, --per-channel, --soc-model and --min-cosine apply to "
+                         "the npu target only")
+    fp16_htp = activation_type == "float16"
+    if soc_model is not None and not fp16_htp:
+        raise InputError("--soc-model applies to --activation-type float16 (the HTP's fp16 mode) only")
+    if fp16_htp and (per_channel or weight_type != "uint8"):
+        raise InputError("--per-channel and --weight-type choose how weights are quantized: "
+                         "--activation-type float16 quantizes nothing")
     common = dict(disable=disable, max_rounds=max_rounds, check_each_pass=check_each_pass, progress=progress)
     if profile.convert == "fp16":
         if input_shapes or calib is not None:
@@ -99,7 +111,7 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
                      verify=False, inputs=None, rtol=rtol, atol=atol, measure_latency=False, **common)
     return _finish_qdq(base, original, loaded, profile, data, verify=verify, strict=strict, precompile=precompile,
                        activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
-                       min_cosine=min_cosine, say=say, t0=t0, npu=npu)
+                       min_cosine=min_cosine, soc_model=soc_model, say=say, t0=t0, npu=npu)
 
 
 # --------------------------------------------------------------------------- gpu
@@ -235,19 +247,26 @@ def resolve_npu_inputs(original: onnx.ModelProto, input_shapes, calib, inputs):
 
 
 def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precompile, activation_type, weight_type,
-                per_channel, min_cosine, say, t0, npu):
+                per_channel, min_cosine, soc_model, say, t0, npu):
     from .verify import _Session
 
     report = base.report
     fp32 = base.model
-    say("quantizing (QDQ)")
-    t = time.perf_counter()
-    q = npu.quantize_qdq(fp32, data.calib, activation_type=activation_type, weight_type=weight_type,
-                         per_channel=per_channel)
-    quant_s = time.perf_counter() - t
-    _check(q.model, "quantized model")
-    report.passes.append({"name": "quantize_qdq", "round": 0, "modified": True, "seconds": round(quant_s, 6),
-                          "stats": {"qnn_preprocessed": int(q.preprocessed), "calib_samples": q.calib_samples}})
+    fp16_htp = activation_type == npu.FLOAT16
+    provider = npu.htp_options(fp16=fp16_htp, soc_model=soc_model)
+    if fp16_htp:  # nothing to quantize: the HTP computes the float graph in fp16
+        q = npu.Quantized(fp32, False, npu.FLOAT16, npu.FLOAT16, False, 0)
+        data.held_out = data.calib + data.held_out  # no calibration: every sample checks accuracy
+        data.calib = []
+    else:
+        say("quantizing (QDQ)")
+        t = time.perf_counter()
+        q = npu.quantize_qdq(fp32, data.calib, activation_type=activation_type, weight_type=weight_type,
+                             per_channel=per_channel)
+        quant_s = time.perf_counter() - t
+        _check(q.model, "quantized model")
+        report.passes.append({"name": "quantize_qdq", "round": 0, "modified": True, "seconds": round(quant_s, 6),
+                              "stats": {"qnn_preprocessed": int(q.preprocessed), "calib_samples": q.calib_samples}})
     _update_after(report, q.model)
     report.warnings.extend(data.warnings)
     fp32_reasons = legal.node_reasons(fp32, profile)
@@ -262,7 +281,12 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
         "qnn_preprocessed": q.preprocessed,
         "calibration": {"source": data.source, "samples": len(data.calib), "held_out": len(data.held_out)},
         "min_cosine": bar,
+        "qnn_provider_options": provider,
     }
+    if fp16_htp:
+        report.warnings.append("float16 on the HTP: the model is written in fp32; run it with the QNN provider options "
+                               + ", ".join(f"{k}={v}" for k, v in provider.items())
+                               + " (an HTP with fp16 support), or use the --precompile context")
     report.target_details = details
     ok_qnn, why = npu.qnn_available()
     if not ok_qnn:
@@ -276,7 +300,7 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
         report.seconds = round(time.perf_counter() - t0, 4)
         return base
     say("placing nodes on the QNN HTP backend")
-    sess, place = npu.placement(q.model)
+    sess, place = npu.placement(q.model, provider)
     leg = legal.from_placement(q.model, place, profile, fp32_reasons, strict)
     report.legality = leg.to_dict()
     if verify:
@@ -295,6 +319,12 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
         details["accuracy"] = acc
         worst = min((o["cosine_min"] for o in acc["outputs"] if o["cosine_min"] is not None), default=1.0)
         report.verified = worst >= bar
+        if not report.verified:
+            more = {"uint8": "--activation-type uint16 --per-channel (16-bit activations), or float16",
+                    "uint16": ("--per-channel, or " if not q.per_channel else "") + "--activation-type float16"}
+            hint = more.get(q.activation_type)
+            report.warnings.append(f"cosine {worst:.4f} < {bar} on held-out inputs"
+                                   + (f": more precision: {hint} (the HTP's fp16 mode)" if hint else ""))
         report.max_abs_diff = 1.0 - worst  # cosine distance of the worst output (see target_details.accuracy)
         report.max_rel_diff = 1.0 - worst
         report.rtol = report.atol = 0.0
@@ -309,9 +339,9 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
         report.latency_ms_before = report.latency_ms_after = None
     if precompile:
         say("precompiling the QNN context (EPContext)")
-        ctx = npu.precompile(q.model)
+        ctx = npu.precompile(q.model, provider)
         feed = data.held_out[0]
-        got = npu.run_context_model(ctx, feed)
+        got = npu.run_context_model(ctx, feed, provider)
         want = sess.run(None, feed)
         details["precompiled"] = {"bytes": len(ctx), "loads_and_runs": True,
                                   "cosine_vs_qdq": min(npu.cosine(a, b) for a, b in zip(want, got))}

@@ -31,6 +31,20 @@ _registered = False
 
 ACTIVATION_TYPES = ("uint8", "uint16")
 WEIGHT_TYPES = ("uint8", "int8")
+FLOAT16 = "float16"  # no quantization: the HTP runs the float model in fp16
+# QNN's SoC model number, which the HTP's fp16 mode requires (the provider refuses
+# enable_htp_fp16_precision without it); 60 is taken by the x86-64 HTP backend.
+DEFAULT_SOC_MODEL = 60
+
+
+def htp_options(fp16: bool = False, soc_model: int | None = None) -> dict[str, str]:
+    """Provider options of the QNN HTP sessions for a QDQ model, or for a float
+    model run in fp16 on the HTP (which needs the SoC model)."""
+    opts = {"backend_type": "htp"}
+    if fp16:
+        opts["enable_htp_fp16_precision"] = "1"
+        opts["soc_model"] = str(DEFAULT_SOC_MODEL if soc_model is None else int(soc_model))
+    return opts
 
 
 class QnnUnavailable(InputError):
@@ -313,7 +327,7 @@ def _capture_fd2():
             box[0] = f.read().decode("utf-8", errors="replace")
 
 
-def _session_options(extra: Mapping[str, str] = (), verbose: bool = False):
+def _session_options(extra: Mapping[str, str] = (), verbose: bool = False, provider: Mapping[str, str] | None = None):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -321,16 +335,16 @@ def _session_options(extra: Mapping[str, str] = (), verbose: bool = False):
     so.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
     for k, v in dict(extra).items():
         so.add_session_config_entry(k, v)
-    so.add_provider_for_devices(_devices(), {"backend_type": "htp"})
+    so.add_provider_for_devices(_devices(), dict(provider) if provider else htp_options())
     return so
 
 
 def qnn_session(model: onnx.ModelProto | str | os.PathLike, *, config: Mapping[str, str] = (),
-                want_log: bool = False):
+                want_log: bool = False, provider: Mapping[str, str] | None = None):
     """An HTP session; returns (session, captured log or "")."""
     import onnxruntime as ort
 
-    so = _session_options(config, verbose=want_log)
+    so = _session_options(config, verbose=want_log, provider=provider)
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     with _capture_fd2() as log:
         try:
@@ -363,9 +377,9 @@ class QuietSession:
         return self.sess.get_outputs()
 
 
-def placement(model: onnx.ModelProto) -> tuple[QuietSession, Placement]:
+def placement(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> tuple[QuietSession, Placement]:
     """Open an HTP session on ``model`` and read back where each node went."""
-    sess, log = qnn_session(model, want_log=True)
+    sess, log = qnn_session(model, want_log=True, provider=provider)
     names = {n.name: n.op_type for n in model.graph.node}
     nodes: dict[str, str] = {}
     inserted: dict[str, str] = {}
@@ -389,7 +403,7 @@ def placement(model: onnx.ModelProto) -> tuple[QuietSession, Placement]:
     return QuietSession(sess), Placement(nodes, names, inserted, reasons, notes)
 
 
-def precompile(model: onnx.ModelProto) -> bytes:
+def precompile(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> bytes:
     """An EPContext model embedding the compiled QNN HTP context binary."""
     tmp = tempfile.mkdtemp(prefix="beats-ctx-")
     try:
@@ -397,7 +411,7 @@ def precompile(model: onnx.ModelProto) -> bytes:
         onnx.save_model(model, src)
         ctx = Path(tmp) / "model_ctx.onnx"
         qnn_session(src, config={"ep.context_enable": "1", "ep.context_file_path": str(ctx),
-                                 "ep.context_embed_mode": "1"})
+                                 "ep.context_embed_mode": "1"}, provider=provider)
         if not ctx.is_file():
             raise QnnUnavailable("QNN did not write an EPContext model")
         return ctx.read_bytes()
@@ -405,13 +419,14 @@ def precompile(model: onnx.ModelProto) -> bytes:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_context_model(data: bytes, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def run_context_model(data: bytes, feeds: Mapping[str, np.ndarray],
+                      provider: Mapping[str, str] | None = None) -> list[np.ndarray]:
     """Load an EPContext model on the HTP backend and run it once."""
     tmp = tempfile.mkdtemp(prefix="beats-ctx-")
     try:
         path = Path(tmp) / "model_ctx.onnx"
         path.write_bytes(data)
-        sess, _ = qnn_session(path)
+        sess, _ = qnn_session(path, provider=provider)
         return sess.run(None, dict(feeds))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -105,10 +105,10 @@ _CPU_PASSES = (
     "eliminate_neutral_elementwise",
     "merge_unsqueeze",
     "eliminate_schema_typed_casts",
+    "fuse_conv_batchnorm",  # before dedupe/CSE: merged twin Convs with their own BNs could not fuse
+    "fuse_conv_affine",
     "dedupe_initializers",
     "eliminate_common_subexpressions",
-    "fuse_conv_batchnorm",
-    "fuse_conv_affine",
     "fuse_matmul_add",
     "eliminate_dead_code",
 )
@@ -178,13 +178,14 @@ TARGETS["gpu"] = TargetProfile(
 )
 TARGETS["npu"] = TargetProfile(
     name="npu",
-    description="static shapes, QDQ int8/uint8 (uint16 activations optional), for Qualcomm's QNN HTP",
+    description="static shapes, QDQ int8/uint8 (uint16 activations optional) or fp16, for Qualcomm's QNN HTP",
     passes=("fix_input_shapes", "bound_infinite_constants", "lower_mask_where", "drop_nan_guards") + _CPU_PASSES,
     rtol=0.0,
     atol=0.0,
     providers=("QNNExecutionProvider", "CPUExecutionProvider"),
     convert="qdq",
-    dtype_policy="uint8 activations (or uint16), uint8/int8 weights, int32 biases; fp32 I/O with Q/DQ at the edges",
+    dtype_policy="uint8 activations (or uint16), uint8/int8 weights, int32 biases; fp32 I/O with Q/DQ at the edges; "
+                 "or (--activation-type float16) no quantization, the HTP computing in fp16",
     static_shapes=True,
     legal_ops=QNN_OPS,
     legal_dtypes=QNN_DTYPES,

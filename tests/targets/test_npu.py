@@ -102,3 +102,45 @@ def test_precompile_writes_a_context_model_that_runs(files, tmp_path):
 
     want = ReferenceEvaluator(classifier()).run(None, {"x": x})[0]
     assert got.shape == (1, 5) and npu.cosine(got, want) > 0.98
+
+
+def test_float16_on_the_htp_quantizes_nothing_and_runs_every_node_there(files, tmp_path):
+    """--activation-type float16: no Q/DQ, the float graph on the HTP in fp16
+    (soc_model set, as the provider requires); every sample checks accuracy."""
+    out, rep = tmp_path / "f16.onnx", tmp_path / "r.json"
+    assert main([str(files / "cls.onnx"), "--target", "npu", "--calib", str(files / "calib.npz"),
+                 "--activation-type", "float16", "-o", str(out), "--report", str(rep), "-q"]) == 0
+    data = json.loads(rep.read_text())
+    d, leg = data["target_details"], data["legality"]
+    assert d["activation_type"] == d["weight_type"] == "float16"
+    assert d["qnn_provider_options"] == {"backend_type": "htp", "enable_htp_fp16_precision": "1", "soc_model": "60"}
+    assert d["calibration"]["samples"] == 0 and d["calibration"]["held_out"] == 8
+    assert leg["fallback"] == [] and leg["compute_nodes_on_target"] == leg["compute_nodes_total"] > 0
+    assert d["accuracy"]["outputs"][0]["cosine_min"] >= 0.999  # fp16, not 8-bit
+    assert not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in onnx.load(out).graph.node)
+    assert any("enable_htp_fp16_precision=1" in w for w in data["warnings"])
+
+
+@pytest.mark.parametrize("args, phrase", [
+    (["--activation-type", "float16", "--per-channel"], "quantizes nothing"),
+    (["--soc-model", "57"], "--soc-model applies to --activation-type float16"),
+])
+def test_precision_flags_that_contradict_each_other_are_refused(files, tmp_path, capsys, args, phrase):
+    out = tmp_path / "x.onnx"
+    assert main([str(files / "cls.onnx"), "--target", "npu", "--calib", "random", "--input-shape", "x=1,3,16,16",
+                 "-o", str(out), "-q"] + args) == 2
+    assert phrase in capsys.readouterr().err and not out.exists()
+
+
+def test_npu_flags_on_other_targets_are_refused(files, tmp_path, capsys):
+    for target in ("cpu", "gpu"):
+        assert main([str(files / "cls.onnx"), "--target", target, "--activation-type", "uint16",
+                     "-o", str(tmp_path / "x.onnx"), "-q"]) == 2
+        assert "--activation-type" in capsys.readouterr().err
+
+
+def test_missing_the_cosine_bar_names_the_precision_that_would_help():
+    calib = {"x": np.random.default_rng(1).standard_normal((8, 1, 3, 16, 16)).astype(np.float32)}
+    r = bc.compile(classifier(), "npu", calib=calib, min_cosine=0.9999999)
+    assert r.report.verified is False
+    assert any("< 0.9999999" in w and "--activation-type uint16 --per-channel" in w for w in r.report.warnings)
