@@ -88,6 +88,8 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
                                      or per_channel or min_cosine is not None):
         raise InputError("--activation-type, --weight-type, --per-channel, --soc-model and --min-cosine apply to "
                          "the npu target only")
+    if profile.convert == "qdq" and (rtol is not None or atol is not None):
+        raise InputError("--rtol/--atol: the npu target is checked by cosine similarity to fp32 (--min-cosine)")
     fp16_htp = activation_type == "float16"
     if soc_model is not None and not fp16_htp:
         raise InputError("--soc-model applies to --activation-type float16 (the HTP's fp16 mode) only")

@@ -124,6 +124,7 @@ def test_float16_on_the_htp_quantizes_nothing_and_runs_every_node_there(files, t
 @pytest.mark.parametrize("args, phrase", [
     (["--activation-type", "float16", "--per-channel"], "quantizes nothing"),
     (["--soc-model", "57"], "--soc-model applies to --activation-type float16"),
+    (["--rtol", "0.1"], "checked by cosine similarity"),
 ])
 def test_precision_flags_that_contradict_each_other_are_refused(files, tmp_path, capsys, args, phrase):
     out = tmp_path / "x.onnx"
