@@ -35,6 +35,7 @@ class Case:
     path: Path | None = None  # already on disk (external data)
     feeds: dict = field(default_factory=dict)
     note: str = ""
+    user: bool = False  # given with --model: the tools named in --tools all run on it
 
 
 def _ts(model, args, names_in, names_out, dyn, opset=17, **kw) -> onnx.ModelProto:

@@ -19,6 +19,12 @@ _2GB = 2**31 - 1
 
 
 def _has_external(src: str) -> bool:
+    """Whether SRC keeps its weights in external data: PEER_EXTERNAL_DATA=1/0 when
+    bench/peers.py says so (it reads the model); else anything but .onnx files in its
+    folder (the corpus gives every model a folder of its own)."""
+    flag = os.environ.get("PEER_EXTERNAL_DATA")
+    if flag in ("0", "1"):
+        return flag == "1"
     return any(p.suffix != ".onnx" for p in Path(src).parent.iterdir())
 
 

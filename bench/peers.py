@@ -4,6 +4,12 @@
     python bench/peers.py                        # the full corpus (CNNs, BERT-base, GPT-2, MiniLM, ...)
     python bench/peers.py --big                  # ... plus the 2.4 GB external-data MLP (needs ~8 GB RAM, 5 GB disk)
     python bench/peers.py --only light,mlp --tools beats,onnxsim --json out.json
+    python bench/peers.py --model a.onnx --model b.onnx   # your own models instead of the corpus
+
+--model PATH (repeatable; an .onnx file, external data beside it allowed) runs the
+same comparison on models that are not in the corpus: read where they are (nothing is
+written beside them; the work folder is a temp folder unless --workdir), measured on
+inputs generated from their declared input types and shapes (dynamic dims -> 1).
 
 Corpus: bench/peer_corpus.py.  Each tool (bench/peer_tools.py) runs in a fresh
 process with a time cap (--timeout) and a memory cap (--mem-cap, RSS of the
@@ -186,9 +192,31 @@ def _last_line(text: str) -> str:
 
 # ------------------------------------------------------------------ main
 
+def _uses_external_data(path: Path) -> bool:
+    m = onnx.load(str(path), load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for g in _graphs(m.graph) for t in g.initializer)
+
+
+def user_cases(paths: list[str]) -> list[Case]:
+    """--model files, read in place: named by their stem (the folder's name for a
+    ``model.onnx``, as in the ONNX backend test data), made unique."""
+    cases, seen = [], set()
+    for p in paths:
+        path = Path(p).resolve()
+        base = path.parent.name if path.stem == "model" and path.parent.name else path.stem
+        name, k = base, 2
+        while name in seen:
+            name, k = f"{base}_{k}", k + 1
+        seen.add(name)
+        cases.append(Case(name, f"--model {p}", path=path, user=True))
+    return cases
+
+
 def build_corpus(args, work: Path) -> list[Case]:
     index = work / "corpus.json"
-    if args.resume and index.exists():  # the models (and feeds) of an earlier run in this work folder
+    if args.model:  # the user's models instead of the corpus
+        cases = user_cases(args.model)
+    elif args.resume and index.exists():  # the models (and feeds) of an earlier run in this work folder
         cases = [Case(c["name"], c["source"], path=Path(c["path"]), note=c.get("note", ""))
                  for c in json.loads(index.read_text())]
         for c in cases:
@@ -197,6 +225,26 @@ def build_corpus(args, work: Path) -> list[Case]:
             cases = [c for c in cases if any(k in c.name for k in args.k.split(","))]
         print(f"# corpus from {index}: {len(cases)} models", file=sys.stderr)
         return cases
+    else:
+        cases = _build_builders(args, work)
+    if args.k:
+        cases = [c for c in cases if any(k in c.name for k in args.k.split(","))]
+    for c in cases:
+        if c.path is None:
+            d = work / "models" / c.name
+            d.mkdir(parents=True, exist_ok=True)
+            c.path = d / "model.onnx"
+            onnx.save(c.model, str(c.path))
+            c.model = None
+        c.feeds = make_feeds(c.path, c.feeds)
+        (work / "feeds").mkdir(parents=True, exist_ok=True)
+        np.savez(work / "feeds" / f"{c.name}.npz", **c.feeds)
+    index.write_text(json.dumps([{"name": c.name, "source": c.source, "path": str(c.path), "note": c.note}
+                                 for c in cases], indent=1))
+    return cases
+
+
+def _build_builders(args, work: Path) -> list[Case]:
     cases = []
     only = set(args.only.split(",")) if args.only else None
     for key, fn in BUILDERS.items():
@@ -216,25 +264,13 @@ def build_corpus(args, work: Path) -> list[Case]:
                 traceback.print_exc()
     if args.big and (not only or "big" in only):
         cases += mlp_big(Path(args.big_dir).resolve() if args.big_dir else work)
-    if args.k:
-        cases = [c for c in cases if any(k in c.name for k in args.k.split(","))]
-    for c in cases:
-        if c.path is None:
-            d = work / "models" / c.name
-            d.mkdir(parents=True, exist_ok=True)
-            c.path = d / "model.onnx"
-            onnx.save(c.model, str(c.path))
-            c.model = None
-        c.feeds = make_feeds(c.path, c.feeds)
-        (work / "feeds").mkdir(parents=True, exist_ok=True)
-        np.savez(work / "feeds" / f"{c.name}.npz", **c.feeds)
-    index.write_text(json.dumps([{"name": c.name, "source": c.source, "path": str(c.path), "note": c.note}
-                                 for c in cases], indent=1))
     return cases
 
 
 def tools_for(case: Case, args) -> list[str]:
     names = args.tools.split(",") if args.tools else list(TOOLS)
+    if case.user and args.tools:  # the user's own model: exactly the tools asked for
+        return names
     if "ort-transformers" in names and not any(h in case.name for h in TRANSFORMER_HINTS):
         names.remove("ort-transformers")
     if "beats-fold1G" in names and not case.name.startswith("light_"):  # only the light zoo needs it
@@ -247,6 +283,9 @@ def bench_case(case: Case, args, work: Path, earlier: dict) -> dict:
     rows = {"original": {"status": "-", "source": case.source, **facts(case.path)}}
     redo = set(args.redo.split(",")) if args.redo else set()
     selected = tools_for(case, args)
+    # Whether tools write their output with external data (peer_tools.py), decided here from
+    # the model, not from the files beside it (a --model file's folder holds anything).
+    external = "1" if _uses_external_data(case.path) else "0"
     for tool in [t for t in TOOLS if t in selected or t in earlier]:
         if tool in earlier and tool not in redo:
             rows[tool] = earlier[tool]
@@ -257,7 +296,7 @@ def bench_case(case: Case, args, work: Path, earlier: dict) -> dict:
         shutil.rmtree(outdir, ignore_errors=True)
         outdir.mkdir(parents=True)
         dst = outdir / "model.onnx"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PEER_EXTERNAL_DATA=external)
         r = run_capped([sys.executable, str(ROOT / "bench" / "peer_tools.py"), tool, str(case.path), str(dst)],
                        args.timeout, int(args.mem_cap * 2**30), env, cwd=outdir)
         peak_file = Path(str(dst) + ".peak")
@@ -469,6 +508,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small models, short timing")
     ap.add_argument("--big", action="store_true", help="add the 2.4 GB external-data MLP")
     ap.add_argument("--big-dir", help="where to build the 2.4 GB model (default: the work folder)")
+    ap.add_argument("--model", action="append", metavar="PATH",
+                    help="benchmark this .onnx file (external data beside it allowed) instead of the corpus; "
+                         "repeatable; inputs generated from its declared types and shapes")
     ap.add_argument("--only", help=f"builders: {','.join(BUILDERS)},big")
     ap.add_argument("-k", help="only models whose name contains one of these (comma-separated)")
     ap.add_argument("--tools", help=f"tools (default all): {','.join(TOOLS)}")
@@ -487,6 +529,12 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", metavar="JSON[,JSON...]",
                     help="print the tables from earlier --json files (rows of later files win) and exit")
     args = ap.parse_args(argv)
+    if args.model:
+        if args.only or args.big:
+            ap.error("--model replaces the corpus: drop --only/--big")
+        for p in args.model:
+            if not Path(p).is_file():
+                ap.error(f"--model {p}: no such file")
     if args.report_only:
         merged: dict = {}
         for f in args.report_only.split(","):
