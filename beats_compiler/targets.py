@@ -24,8 +24,10 @@ from passes.fusions import FuseConvAffine, FuseTransposedGemm
 from passes.merge_unsqueeze import MergeUnsqueeze
 from passes.neutral_elementwise import EliminateNeutralElementwise
 from passes.schema_casts import EliminateSchemaTypedCasts
+from passes.shape_reshape import SimplifyShapeReshapes
 from passes.npu_prep import BoundInfiniteConstants, DropNanGuards, LowerMaskWhere
 from passes.static_shapes import FixInputShapes
+from passes.transposed_duplicates import DedupeTransposedInitializers
 
 from .errors import InputError
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL
@@ -77,8 +79,10 @@ PASSES: dict[str, Callable[[PipelineOptions], Pass]] = {
     "fold_constants": lambda o: FoldConstants(max_output_bytes=min(o.fold_max_tensor, o.fold_memory_limit),
                                               max_growth_bytes=o.fold_size_limit, max_total_bytes=o.fold_memory_limit),
     "fold_shapes": lambda o: FoldShapes(),
+    "simplify_shape_reshapes": lambda o: SimplifyShapeReshapes(),
     "eliminate_nop_ops": lambda o: EliminateNopOps(),
     "dedupe_initializers": lambda o: DedupeInitializers(),
+    "dedupe_transposed_initializers": lambda o: DedupeTransposedInitializers(),
     "eliminate_common_subexpressions": lambda o: EliminateCommonSubexpressions(),
     "fuse_conv_batchnorm": lambda o: FuseConvBatchNorm(),
     "fuse_matmul_add": lambda o: FuseMatMulAdd(),
@@ -101,6 +105,7 @@ _CPU_PASSES = (
     "fuse_transposed_gemm",  # before fold_constants: no transposed copy of the weight
     "fold_constants",
     "fold_shapes",
+    "simplify_shape_reshapes",
     "eliminate_nop_ops",
     "eliminate_neutral_elementwise",
     "merge_unsqueeze",
@@ -108,6 +113,7 @@ _CPU_PASSES = (
     "fuse_conv_batchnorm",  # before dedupe/CSE: merged twin Convs with their own BNs could not fuse
     "fuse_conv_affine",
     "dedupe_initializers",
+    "dedupe_transposed_initializers",
     "eliminate_common_subexpressions",
     "fuse_matmul_add",
     "eliminate_dead_code",

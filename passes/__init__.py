@@ -15,6 +15,7 @@ from .inline_if import InlineConstantIf
 from .neutral_elementwise import EliminateNeutralElementwise
 from .merge_unsqueeze import MergeUnsqueeze
 from .schema_casts import EliminateSchemaTypedCasts
+from .shape_reshape import SimplifyShapeReshapes
 from .shapes import FoldShapes, TypeMap, infer_types
 from .training_legalize import AddLayerNormBias, AddLayerNormStatOutputs, UntieLayerNormParams
 
@@ -38,6 +39,7 @@ __all__ = [
     "PassManager",
     "PassRecord",
     "PassResult",
+    "SimplifyShapeReshapes",
     "TypeMap",
     "UntieLayerNormParams",
     "infer_types",

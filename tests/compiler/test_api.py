@@ -44,7 +44,8 @@ def test_compile_model_proto(rich, compiled):
     assert {p["name"] for p in r.passes} == set(TARGETS["cpu"].passes)  # gpu/npu add passes of their own
     assert all(set(p) == {"name", "round", "modified", "seconds", "stats"} for p in r.passes)
     # Every pass found its work in the rich model.
-    assert {p["name"] for p in r.passes if p["modified"]} == set(TARGETS["cpu"].passes)
+    # (dedupe_transposed_initializers needs a >= 1 MiB transposed pair, which the rich model has not)
+    assert {p["name"] for p in r.passes if p["modified"]} == set(TARGETS["cpu"].passes) - {"dedupe_transposed_initializers"}
     onnx.checker.check_model(compiled.model, full_check=True)
     assert_same_on_ort(rich, compiled.model, rtol=1e-4, atol=1e-5)
     assert_same_on_ort(rich, compiled.model, {"img": f32(1, 3, 6, 6), "vec": f32(9, 4)}, rtol=1e-4, atol=1e-5)
