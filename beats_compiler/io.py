@@ -13,6 +13,7 @@ import numpy as np
 from onnx import external_data_helper, numpy_helper
 
 from passes.convert import ExternalDataError, check_external, open_external, read_external, uses_external_refs
+from passes.graph import ComputedValues, is_computed_ref
 
 from .errors import InputError
 from .validate import Limits, read_model_file, validate_model
@@ -27,15 +28,40 @@ class LoadedModel:
     path: Path
     file_bytes: int  # the .onnx file plus every external data file it uses
     external_files: list[Path] = field(default_factory=list)
+    # Set to a ``DataFolder`` (on the model's own folder) by a transformation
+    # that computes tensors as they are written (insert, fold): it travels as base_dir.
+    data_folder: DataFolder | None = None
 
     @property
     def uses_external_data(self) -> bool:
         return bool(self.external_files)
 
     @property
-    def base_dir(self) -> Path:
+    def base_dir(self) -> Path | DataFolder:
         """The folder the model's external data references resolve in."""
-        return self.path.parent
+        return self.data_folder if self.data_folder is not None else self.path.parent
+
+
+class DataFolder(os.PathLike):
+    """The ``base_dir`` of a model some of whose tensors are computed while it
+    is written (``passes.graph.ComputedValues``: fold's folded weights,
+    insert's full-size initial D/V):
+    the folder its external data references resolve in, plus those tensors by
+    name.  Anything that takes a folder takes it; ``save_model`` also fills
+    the computed tensors, one block at a time, into the data file it writes."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(os.fspath(folder))
+        self.computed: dict[str, ComputedValues] = {}
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.folder)
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+    def __repr__(self) -> str:
+        return f"DataFolder({str(self.folder)!r}, computed={sorted(self.computed)})"
 
 
 def default_output_path(path: str | os.PathLike) -> Path:
@@ -217,7 +243,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
             data = out.with_name(out.name + ".data")
             if data.is_symlink() or (data.exists() and not data.is_file()):
                 raise InputError(f"{data}: exists and is not a regular file; refusing to replace it")
-            return _save_external(model, out, parent, Path(base_dir) if base_dir is not None else None)
+            folder = base_dir if isinstance(base_dir, DataFolder) or base_dir is None else Path(base_dir)
+            return _save_external(model, out, parent, folder)
         atomic_write_bytes(out, model.SerializeToString(deterministic=True))
     except OSError as exc:
         raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
@@ -232,8 +259,9 @@ class _DataWriter:
     """Appends tensor bytes to the data file, page-aligned, and rewrites each
     tensor as a reference to it."""
 
-    def __init__(self, f, location: str, base_dir: Path | None):
+    def __init__(self, f, location: str, base_dir: Path | DataFolder | None):
         self.f, self.location, self.base_dir = f, location, base_dir
+        self.computed = base_dir.computed if isinstance(base_dir, DataFolder) else {}
         self.offset = 0
 
     def _start(self) -> int:
@@ -249,6 +277,33 @@ class _DataWriter:
         for k, v in (("location", self.location), ("offset", str(start)), ("length", str(length))):
             e = t.external_data.add()
             e.key, e.value = k, v
+
+    def add_external(self, t: onnx.TensorProto) -> None:
+        """``t`` references external data: copy it, or compute it (a placeholder)."""
+        if is_computed_ref(t):
+            self.write_computed(t)
+        else:
+            self.copy_external(t)
+
+    def write_computed(self, t: onnx.TensorProto) -> None:
+        """Compute ``t`` (a ``ComputedValues`` placeholder) block by block into the file."""
+        src = self.computed.get(t.name)
+        if src is None or list(src.tensor.dims) != list(t.dims) or src.tensor.data_type != t.data_type:
+            raise InputError(f"tensor {t.name!r} is computed as the model is written, but its source is not given: "
+                             "save the result with the base_dir it came with (CompileResult.save)")
+        start = self._start()
+        try:
+            for blk in src.blocks():
+                b = np.ascontiguousarray(blk, dtype=src.np_dtype)
+                self.f.write(b.reshape(-1).view(np.uint8).data)
+                self.offset += b.nbytes
+                del b, blk
+        except ExternalDataError as exc:  # an input data file changed since it was loaded
+            raise InputError(f"tensor {t.name!r}: {exc}") from None
+        if self.offset - start != src.nbytes_total:
+            raise RuntimeError(f"tensor {t.name!r}: computed {self.offset - start} bytes, "
+                               f"its dims call for {src.nbytes_total}")
+        self._ref(t, start, self.offset - start)
 
     def copy_external(self, t: onnx.TensorProto) -> None:
         if self.base_dir is None:
@@ -334,7 +389,7 @@ def _model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
     return shell
 
 
-def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Path | None) -> SavedModel:
+def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Path | DataFolder | None) -> SavedModel:
     data_name = out.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
     data_tmp = tmpdir / data_name
@@ -347,7 +402,7 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Pa
                 c = shell.graph.initializer.add()
                 if external_data_helper.uses_external_data(t):
                     c.CopyFrom(t)
-                    writer.copy_external(c)
+                    writer.add_external(c)
                     wrote_data = True
                 elif _inline_bytes(t) >= _EXTERNAL_THRESHOLD:
                     writer.move_inline(t, c)
@@ -356,7 +411,7 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Pa
                     c.CopyFrom(t)
             for t in _nested_tensors(shell.graph):  # tensors inside subgraphs and attributes
                 if external_data_helper.uses_external_data(t):
-                    writer.copy_external(t)
+                    writer.add_external(t)
                     wrote_data = True
             _default_mode(f.fileno())
             f.flush()

@@ -7,6 +7,7 @@ D/V tensors plus the records (``ADAPTER_RECORDS``).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -18,10 +19,12 @@ import onnx_graphsurgeon as gs
 
 from passes import Envelope, to_graph, to_model
 from passes import reparam as rp
+from passes.convert import uses_external_refs
+from passes.graph import ComputedValues
 
 from .api import CompileResult, LoadedModel, Progress, _Edit, transform
 from .errors import InputError
-from .io import atomic_write_bytes
+from .io import DataFolder, atomic_write_bytes
 
 ADAPTER_RECORDS = "__beats_reparam__"
 # Inserting must not change the function at all (V = 0): a tight tolerance.
@@ -78,15 +81,19 @@ def insert(
 ) -> CompileResult:
     """Insert D/V for the weights ``policy`` selects.  An already inserted
     weight is left alone; a selection that matches nothing is an
-    ``InputError`` unless every match was inserted before (then a no-op)."""
+    ``InputError`` unless every match was inserted before (then a no-op).
+    A model loaded lazily with external data gets its full-size initial D/V
+    computed as it is written (see ``_streamed``)."""
     policy = policy or rp.Policy()
+    model, source = _streamed(model)
 
     def edit(graph: gs.Graph, env: Envelope) -> _Edit:
         old = _get_records(env)
         try:
-            records, stats = rp.insert(graph, policy, old)
+            records, stats = rp.insert(graph, policy, old, stream=source is not None)
         except rp.ReparamError as exc:
             raise _bad(exc) from None
+        _collect_computed(graph, source)
         warnings = [f"skipped {w}: {why}" for w, why in stats.skipped.items()]
         if not stats.inserted and not stats.already:
             detail = f" ({'; '.join(warnings)})" if warnings else ""
@@ -109,6 +116,25 @@ def insert(
 
     return transform(model, "insert", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
                      measure_latency=measure_latency, progress=progress)
+
+
+def _streamed(model) -> tuple[object, DataFolder | None]:
+    """A model loaded lazily with external data is transformed as it is
+    written: its large new tensors (``ComputedValues``) are computed block by
+    block into the data file, by verification and then by ``result.save``,
+    never held whole.  The ``DataFolder`` that carries them to the writer
+    becomes the model's (and the result's) ``base_dir``."""
+    if isinstance(model, LoadedModel) and uses_external_refs(model.model):
+        source = DataFolder(model.base_dir)
+        return dataclasses.replace(model, data_folder=source), source
+    return model, None
+
+
+def _collect_computed(graph: gs.Graph, source: DataFolder | None) -> None:
+    if source is not None:
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Constant) and isinstance(t._values, ComputedValues):
+                source.computed[t.name] = t._values
 
 
 def _param_count(graph: gs.Graph) -> int:
@@ -158,7 +184,12 @@ def fold(
     The D/V values are the model's own, or ``values`` (trained tensors by
     name), or an ``adapter`` (values plus records, applicable to the base
     model too).  The result is verified against the unfolded model carrying
-    the same values."""
+    the same values.
+
+    A model loaded lazily with external data is folded as it is written
+    (see ``_streamed``): each folded weight whose W0 is in external data is
+    computed block by block into the output's data file."""
+    model, source = _streamed(model)
 
     def edit(graph: gs.Graph, env: Envelope) -> _Edit:
         records = _get_records(env)
@@ -186,9 +217,10 @@ def fold(
         elif verify:
             reference = to_model(graph, env)
         try:
-            folded = rp.fold(graph, records, vals)
+            folded = rp.fold(graph, records, vals, stream=source is not None)
         except rp.ReparamError as exc:
             raise _bad(exc) from None
+        _collect_computed(graph, source)
         _set_records(env, [])
         return _Edit(reparam={"folded": folded}, reference=reference)
 

@@ -25,6 +25,7 @@ from passes.merge_unsqueeze import MergeUnsqueeze
 from passes.neutral_elementwise import EliminateNeutralElementwise
 from passes.schema_casts import EliminateSchemaTypedCasts
 from passes.shape_reshape import SimplifyShapeReshapes
+from passes.reshape_pairs import EliminateReshapePairs
 from passes.npu_prep import BoundInfiniteConstants, DropNanGuards, LowerMaskWhere
 from passes.static_shapes import FixInputShapes
 from passes.transposed_duplicates import DedupeTransposedInitializers
@@ -80,6 +81,7 @@ PASSES: dict[str, Callable[[PipelineOptions], Pass]] = {
                                               max_growth_bytes=o.fold_size_limit, max_total_bytes=o.fold_memory_limit),
     "fold_shapes": lambda o: FoldShapes(),
     "simplify_shape_reshapes": lambda o: SimplifyShapeReshapes(),
+    "eliminate_reshape_pairs": lambda o: EliminateReshapePairs(),
     "eliminate_nop_ops": lambda o: EliminateNopOps(),
     "dedupe_initializers": lambda o: DedupeInitializers(),
     "dedupe_transposed_initializers": lambda o: DedupeTransposedInitializers(),
@@ -106,6 +108,7 @@ _CPU_PASSES = (
     "fold_constants",
     "fold_shapes",
     "simplify_shape_reshapes",
+    "eliminate_reshape_pairs",
     "eliminate_nop_ops",
     "eliminate_neutral_elementwise",
     "merge_unsqueeze",

@@ -18,6 +18,7 @@ the model's opset is refused (no runtime could run it).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import stat
@@ -322,18 +323,28 @@ def _check_strings(model: onnx.ModelProto, where: str) -> None:
     stack = [model]
     while stack:
         msg = stack.pop()
-        for fd, value in msg.ListFields():
-            if fd.type == _STRING:
-                bad = [v for v in value if not isinstance(v, str)] if _is_repeated(fd) else (
+        for name, is_string, repeated in _string_and_message_fields(msg.DESCRIPTOR):
+            if is_string:  # an unset string reads as "": fine
+                value = getattr(msg, name)
+                bad = [v for v in value if not isinstance(v, str)] if repeated else (
                     [] if isinstance(value, str) else [value])
                 if bad:
-                    raise InputError(f"{where}: field {msg.DESCRIPTOR.name}.{fd.name} holds invalid UTF-8 "
+                    raise InputError(f"{where}: field {msg.DESCRIPTOR.name}.{name} holds invalid UTF-8 "
                                      f"({bytes(bad[0])[:40]!r})")
-            elif fd.message_type is not None:
-                if _is_repeated(fd):
-                    stack.extend(value)
-                else:
-                    stack.append(value)
+            elif repeated:
+                stack.extend(getattr(msg, name))
+            elif msg.HasField(name):
+                stack.append(getattr(msg, name))
+
+
+@functools.cache
+def _string_and_message_fields(desc) -> tuple[tuple[str, bool, bool], ...]:
+    """(name, is a string, repeated) of the message type's string and message
+    fields, in field-number order (ListFields' order).  Reading only these
+    never copies a tensor's raw_data, as ListFields does."""
+    fields = sorted(desc.fields, key=lambda fd: fd.number)
+    return tuple((fd.name, fd.type == _STRING, _is_repeated(fd)) for fd in fields
+                 if fd.type == _STRING or fd.message_type is not None)
 
 
 def _is_repeated(fd) -> bool:

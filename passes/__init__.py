@@ -14,6 +14,7 @@ from .fusions import FuseConvBatchNorm, FuseMatMulAdd
 from .inline_if import InlineConstantIf
 from .neutral_elementwise import EliminateNeutralElementwise
 from .merge_unsqueeze import MergeUnsqueeze
+from .reshape_pairs import EliminateReshapePairs
 from .schema_casts import EliminateSchemaTypedCasts
 from .shape_reshape import SimplifyShapeReshapes
 from .shapes import FoldShapes, TypeMap, infer_types
@@ -27,6 +28,7 @@ __all__ = [
     "EliminateDeadCode",
     "EliminateIdentity",
     "EliminateNopOps",
+    "EliminateReshapePairs",
     "Envelope",
     "FoldConstants",
     "FoldShapes",

@@ -8,10 +8,11 @@ records time and stats for every pass it ran.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, Hashable, Iterable, Sequence
 
 import onnx_graphsurgeon as gs
 
@@ -76,6 +77,42 @@ class Pass:
         return result
 
 
+class _AnalysisCache:
+    """Analyses (shape inference) of the graph a ``PassManager`` is running on.
+    A result is handed out again only while no pass has modified the graph
+    since it was computed, and at most once per pass: after its first request
+    a pass may have edited the graph, so a second request recomputes."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self.results: dict[Hashable, Any] = {}
+        self.asked: set[Hashable] = set()  # keys the running pass has requested
+
+    def end_pass(self, modified: bool) -> None:
+        if modified:
+            self.results.clear()
+        self.asked.clear()
+
+
+_ANALYSES: contextvars.ContextVar[_AnalysisCache | None] = contextvars.ContextVar("beats_analyses", default=None)
+
+
+def cached_analysis(graph: gs.Graph, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, bool]:
+    """``compute()``, or its result from an earlier pass of the running
+    ``PassManager`` when the graph is unchanged since; returns (value, reused).
+    Outside a manager (or for another graph) it always computes."""
+    cache = _ANALYSES.get()
+    if cache is None or cache.graph is not graph:
+        return compute(), False
+    first = key not in cache.asked
+    cache.asked.add(key)
+    if first and key in cache.results:
+        return cache.results[key], True
+    value = compute()
+    cache.results[key] = value
+    return value, False
+
+
 @dataclass
 class ManagerReport:
     records: list[PassRecord]
@@ -100,6 +137,8 @@ class PassManager:
     ``check`` is called after every pass that modified the graph (for example
     the ONNX checker on the exported model); an exception from it, or from a
     pass, is raised as ``PassError`` naming the pass and those run before it.
+    Shape inference (``shapes.infer_types``) is computed once and reused by
+    later passes while none of them reports a modification.
     """
 
     def __init__(
@@ -131,24 +170,36 @@ class PassManager:
         ran: list[str] = []
         converged = False
         rounds = 0
-        for rnd in range(1, self.max_rounds + 1):
-            rounds = rnd
-            round_modified = False
-            for p in self.passes:
-                t0 = time.perf_counter()
-                try:
-                    result = p(graph)
-                    if result.modified and self.check is not None:
-                        self.check(graph)
-                except Exception as exc:  # re-raised with the pass history
-                    raise PassError(p.name, ran, exc) from exc
-                rec = PassRecord(p.name, rnd, result.modified, time.perf_counter() - t0, dict(result.stats))
-                records.append(rec)
-                ran.append(p.name)
-                if self.on_pass is not None:
-                    self.on_pass(rec)
-                round_modified |= result.modified
-            if not round_modified:
+        cache = _AnalysisCache(graph)
+        token = _ANALYSES.set(cache)
+        try:
+            for rnd in range(1, self.max_rounds + 1):
+                rounds = rnd
+                if self._run_round(graph, rnd, cache, records, ran):
+                    continue
                 converged = True
                 break
+        finally:
+            _ANALYSES.reset(token)
         return ManagerReport(records=records, rounds=rounds, converged=converged)
+
+    def _run_round(self, graph: gs.Graph, rnd: int, cache: _AnalysisCache, records: list[PassRecord],
+                   ran: list[str]) -> bool:
+        """One round of every pass; whether any of them modified the graph."""
+        round_modified = False
+        for p in self.passes:
+            t0 = time.perf_counter()
+            try:
+                result = p(graph)
+                cache.end_pass(result.modified)
+                if result.modified and self.check is not None:
+                    self.check(graph)
+            except Exception as exc:  # re-raised with the pass history
+                raise PassError(p.name, ran, exc) from exc
+            rec = PassRecord(p.name, rnd, result.modified, time.perf_counter() - t0, dict(result.stats))
+            records.append(rec)
+            ran.append(p.name)
+            if self.on_pass is not None:
+                self.on_pass(rec)
+            round_modified |= result.modified
+        return round_modified

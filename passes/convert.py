@@ -9,6 +9,7 @@ No other module edits protobuf fields of a model by hand.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -394,7 +395,7 @@ def export_skeleton(graph: gs.Graph, const_limit: int) -> onnx.ModelProto:
         inits, value_info = [], []
         for t in graph.tensors().values():
             if isinstance(t, gs.Constant):
-                if int(np.prod(t.shape, dtype=np.int64)) <= const_limit:
+                if math.prod(t.shape) <= const_limit:
                     inits.append(OnnxExporter.export_tensor_proto(t))
                 else:
                     elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(t.dtype)) if isinstance(t.dtype, (type, np.dtype)) else t.dtype

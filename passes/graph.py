@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .convert import quiet
+from .convert import _PACKED_4BIT, ExternalDataError, ExternalValues, open_external, quiet
 
 # Ops whose result is not a function of their inputs: never folded or merged.
 NONDETERMINISTIC_OPS = frozenset(
@@ -149,6 +149,91 @@ def const_nbytes(t: gs.Constant) -> int:
     if hasattr(v, "nbytes"):
         return int(v.nbytes)
     return int(np.asarray(t.values).nbytes)
+
+
+class ExternalRows:
+    """Row slices (along axis 0) of a constant kept in its external data file,
+    read from the file on each request: ``rows[r0:r1]``.  A pass that walks a
+    large weight block by block holds one block, never the weight."""
+
+    def __init__(self, values: ExternalValues, dtype: np.dtype):
+        self.values = values
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(d) for d in values.tensor.dims)
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        if not isinstance(rows, slice) or not self.shape:
+            raise TypeError("ExternalRows takes a slice of rows")
+        r0, r1, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("ExternalRows takes contiguous rows")
+        r1 = max(r0, r1)
+        count = (r1 - r0) * self._row_bytes
+        f, offset, _length = open_external(self.values.tensor, self.values.base_dir)
+        with f:
+            f.seek(offset + r0 * self._row_bytes)
+            data = np.fromfile(f, dtype=np.uint8, count=count)
+        if data.size != count:
+            raise ExternalDataError(f"external data of {self.values.tensor.name!r} ends early")
+        return data.view(self.dtype).reshape((r1 - r0,) + self.shape[1:])
+
+
+def external_rows(t: gs.Constant) -> ExternalRows | None:
+    """Row access to ``t`` while its values are still in its external data file
+    (None for an in-memory constant, a scalar, or a bit-packed or string type)."""
+    v = t._values
+    dt = const_dtype(t)
+    if (not isinstance(v, ExternalValues) or dt is None or not v.tensor.dims
+            or v.tensor.data_type in _PACKED_4BIT or v.tensor.data_type == onnx.TensorProto.STRING):
+        return None
+    return ExternalRows(v, dt)
+
+
+# A location no data file can have (``convert.resolve_external`` refuses NULs):
+# the mark of a tensor whose bytes exist only when the model is written.
+COMPUTED_LOCATION = "\x00beats:computed-when-written"
+
+
+class ComputedValues(LazyValues):
+    """A constant computed block by block only when its bytes are needed.  It
+    exports as an external data reference to ``COMPUTED_LOCATION``, which the
+    model writer (``beats_compiler.io.save_model`` with a ``DataFolder``
+    holding this object) fills from ``blocks()``; ``load()`` computes the whole
+    array.  Subclasses define ``blocks``: C-order slices along axis 0, in order."""
+
+    def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...]):
+        tensor = onnx.TensorProto(name=name, data_type=onnx_dtype(dtype), dims=[int(d) for d in shape])
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        self.np_dtype = np.dtype(dtype)
+        self.nbytes_total = int(np.prod(shape, dtype=np.int64)) * self.np_dtype.itemsize
+        for k, v in (("location", COMPUTED_LOCATION), ("offset", "0"), ("length", str(self.nbytes_total))):
+            e = tensor.external_data.add()
+            e.key, e.value = k, v
+        super().__init__(tensor)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+    def load(self) -> np.ndarray:
+        shape = tuple(int(d) for d in self.tensor.dims)
+        rows, per_row = (shape[0], int(np.prod(shape[1:], dtype=np.int64))) if shape else (1, 1)
+        out = np.empty(shape, self.np_dtype)
+        flat = out.reshape(rows, per_row)
+        at = 0
+        for blk in self.blocks():
+            n = blk.shape[0] if shape else 1
+            flat[at:at + n] = np.asarray(blk, self.np_dtype).reshape(n, per_row)
+            at += n
+        if at != rows:
+            raise ValueError(f"{self.tensor.name!r}: computed {at} rows, expected {rows}")
+        return out
+
+
+def is_computed_ref(tensor: onnx.TensorProto) -> bool:
+    """Whether ``tensor`` is a ``ComputedValues`` placeholder (bytes not on disk yet)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == COMPUTED_LOCATION for e in tensor.external_data)
 
 
 def producer(t: gs.Tensor) -> gs.Node | None:

@@ -34,7 +34,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import NameScope, const_dtype, const_value, is_const, is_standard, onnx_dtype, producer, replace_uses
+from .graph import (ComputedValues, ExternalRows, NameScope, const_dtype, const_value, external_rows, is_const,
+                    is_standard, onnx_dtype, producer, replace_uses)
 
 RECORD_KEY = "beats.reparam"
 FORMAT_VERSION = 1
@@ -260,39 +261,88 @@ def unfold_value(w: np.ndarray, dlt: np.ndarray) -> np.ndarray:
 _BLOCK_BYTES = 32 << 20
 
 
+def _row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Blocks of rows (axis 0, contiguous in C order) whose float64 temporaries
+    stay near ``_BLOCK_BYTES``."""
+    rows = int(shape[0])
+    row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * 8 * 3, 1)  # delta, W block, sum: float64
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _delta_rows(rec: Record, shape: tuple[int, ...], values, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` (axis 0) of ``D (.) V`` in the weight's layout, in float64.
+    Full-size tensors (V; D of ``full``) are only sliced, so they may be
+    ``graph.ExternalRows`` readers; D [out], A and B are arrays."""
+    f64 = np.float64
+    if rec.factorization == "full":
+        return values[rec.D][r0:r1].astype(f64) * values[rec.V][r0:r1].astype(f64)
+    ax, d, nd = rec.axis, values[rec.D], len(shape)
+    if rec.factorization == "vector":
+        bshape = [1] * nd
+        if ax == 0:
+            bshape[0], d = r1 - r0, d[r0:r1]
+        else:
+            bshape[ax] = shape[ax]
+        return np.asarray(d, f64).reshape(bshape) * values[rec.V][r0:r1].astype(f64)
+    rest = [s for i, s in enumerate(shape) if i != ax]
+    a, b = values[rec.A], values[rec.B]
+    if ax == 0:  # rows are output channels: columns r0:r1 of A @ B
+        mat = (np.asarray(a, f64) @ np.asarray(b[:, r0:r1], f64)) * np.asarray(d[r0:r1], f64)
+        return np.moveaxis(mat.reshape(rest + [r1 - r0]), -1, 0)
+    inner = int(np.prod(rest[1:], dtype=np.int64))  # rest[0] is axis 0: rows of A, ``inner`` per row
+    mat = (np.asarray(a[r0 * inner:r1 * inner], f64) @ np.asarray(b, f64)) * np.asarray(d, f64)
+    return np.moveaxis(mat.reshape([r1 - r0] + rest[1:] + [shape[ax]]), -1, ax)
+
+
+def _combine(blk: np.ndarray, dlt: np.ndarray, sign: int) -> np.ndarray:
+    """``blk + sign * dlt`` summed in float64, cast back to blk's dtype; where
+    the delta is exactly zero blk's bits are kept (so -0.0 stays -0.0)."""
+    acc = blk.astype(np.float64)
+    (np.add if sign > 0 else np.subtract)(acc, dlt, out=acc)
+    out = acc.astype(blk.dtype)
+    del acc
+    np.copyto(out, blk, where=dlt == 0)
+    return out
+
+
+def _absmax(a: np.ndarray) -> float:
+    return float(np.max(np.abs(a))) if a.size else 0.0
+
+
 def apply_delta(rec: Record, w: np.ndarray, values: dict[str, np.ndarray], sign: int = 1) -> tuple[np.ndarray, float]:
-    """``w + sign * D (.) V``, block by block along the output axis, so the
-    temporaries stay small next to the weight itself.  Sums run in float64;
-    W's bits are kept wherever the delta is exactly zero.  Returns the new
-    weight and the largest |delta|."""
+    """``w + sign * D (.) V``, block by block along axis 0, so the temporaries
+    stay small next to the weight itself (the same blocks ``FoldedValues``
+    writes, so both give the same bits).  Sums run in float64; W's bits are
+    kept wherever the delta is exactly zero.  Returns the new weight and the
+    largest |delta|."""
     out = np.empty_like(w)
     if w.size == 0:
         return out, 0.0
-    ax = rec.axis if rec.factorization != "full" else 0
-    n = w.shape[ax]
-    row_bytes = max(w.nbytes // max(n, 1), 1) * 3  # w block, float64 delta
-    step = max(1, _BLOCK_BYTES // row_bytes)
-    rest = [s for i, s in enumerate(w.shape) if i != ax]
+    if w.ndim == 0:
+        dlt = delta(rec, values)
+        out[...] = _combine(w, dlt, sign)
+        return out, _absmax(dlt)
     biggest = 0.0
-    for c0 in range(0, n, step):
-        c1 = min(n, c0 + step)
-        sl = tuple(slice(c0, c1) if i == ax else slice(None) for i in range(w.ndim))
-        d = values[rec.D][c0:c1].astype(np.float64)
-        if rec.factorization == "full":
-            dlt = d * values[rec.V][sl].astype(np.float64)
-        elif rec.factorization == "vector":
-            bshape = [1] * w.ndim
-            bshape[ax] = c1 - c0
-            dlt = d.reshape(bshape) * values[rec.V][sl].astype(np.float64)
-        else:
-            mat = (values[rec.A].astype(np.float64) @ values[rec.B][:, c0:c1].astype(np.float64)) * d
-            dlt = np.moveaxis(mat.reshape(rest + [c1 - c0]), -1, ax)
-        blk = w[sl]
-        summed = (blk.astype(np.float64) + sign * dlt).astype(w.dtype)
-        out[sl] = np.where(dlt == 0, blk, summed)
-        if dlt.size:
-            biggest = max(biggest, float(np.max(np.abs(dlt))))
+    for r0, r1 in _row_ranges(w.shape):
+        dlt = _delta_rows(rec, w.shape, values, r0, r1)
+        out[r0:r1] = _combine(w[r0:r1], dlt, sign)
+        biggest = max(biggest, _absmax(dlt))
     return out, biggest
+
+
+class FoldedValues(ComputedValues):
+    """A folded weight ``W0 + D (.) V`` whose W0 stays in its external data
+    file: computed block by block when the model is written (or loaded)."""
+
+    def __init__(self, rec: Record, w0: ExternalRows, values: dict):
+        super().__init__(rec.weight, w0.dtype, w0.shape)
+        self.rec, self.w0, self.values = rec, w0, values
+
+    def blocks(self):
+        shape = self.w0.shape
+        for r0, r1 in _row_ranges(shape):
+            yield _combine(self.w0[r0:r1], _delta_rows(self.rec, shape, self.values, r0, r1), 1)
 
 
 # --------------------------------------------------------------------------- sites
@@ -391,10 +441,12 @@ def _np_dtype_name(dt: np.dtype) -> str:
 
 def insert(graph: gs.Graph, policy: Policy, records: list[Record],
            values: dict[str, np.ndarray] | None = None,
-           only: dict[str, Record] | None = None) -> tuple[list[Record], InsertStats]:
+           only: dict[str, Record] | None = None, *, stream: bool = False) -> tuple[list[Record], InsertStats]:
     """Insert D/V for every weight the policy selects (or, with ``only``, for
     exactly those records, with initial ``values``: unfold).  Returns all
-    records (old and new) and what happened."""
+    records (old and new) and what happened.  ``stream``: full-size initial
+    D/V over 1 MiB are ``ComputedValues`` (written block by block, never
+    held whole); the numbers are the same."""
     if graph.opset is not None and graph.opset < MIN_OPSET:
         raise ReparamError(f"the model imports opset {graph.opset} of the default domain; inserting needs "
                            f"opset >= {MIN_OPSET} (convert it first, e.g. with onnx.version_converter)")
@@ -438,7 +490,8 @@ def insert(graph: gs.Graph, policy: Policy, records: list[Record],
         if reason:
             stats.skipped[w.name] = reason
             continue
-        rec = _insert_one(graph, w, uses, rule, names, rng, policy.d_scale, values, only.get(w.name) if only else None)
+        rec = _insert_one(graph, w, uses, rule, names, rng, policy.d_scale, values, only.get(w.name) if only else None,
+                          stream)
         new_records.append(rec)
         done.add(w.name)
         trainable = sum(int(np.prod(shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)[k])) for k in
@@ -496,11 +549,52 @@ def _why_not(w: gs.Constant, uses: list[Use], rule: Rule, axis: int | None = Non
     return None
 
 
-def _init_values(rec: Record, rng: np.random.Generator, d_scale: float) -> dict[str, np.ndarray]:
+# Under ``stream``, inserted tensors larger than this are computed as the model is written.
+_STREAM_BYTES = 1 << 20
+
+
+class _NormalValues(ComputedValues):
+    """D = 1 + scale * N(0, 1), float32, drawn block by block from a saved
+    generator state: the same numbers one draw of the whole shape gives."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], rng: np.random.Generator, scale: float):
+        super().__init__(name, np.dtype(np.float32), shape)
+        self.dims, self.scale = tuple(shape), scale
+        self.kind, self.state = type(rng.bit_generator), rng.bit_generator.state
+        for r0, r1 in _row_ranges(self.dims):  # move ``rng`` past D, as drawing it would
+            rng.standard_normal((r1 - r0,) + self.dims[1:])
+
+    def blocks(self):
+        rng = np.random.Generator(self.kind())
+        rng.bit_generator.state = self.state
+        for r0, r1 in _row_ranges(self.dims):
+            yield (1.0 + self.scale * rng.standard_normal((r1 - r0,) + self.dims[1:])).astype(np.float32)
+
+
+class _ZeroValues(ComputedValues):
+    def __init__(self, name: str, shape: tuple[int, ...]):
+        super().__init__(name, np.dtype(np.float32), shape)
+        self.dims = tuple(shape)
+
+    def blocks(self):
+        for r0, r1 in _row_ranges(self.dims):
+            yield np.zeros((r1 - r0,) + self.dims[1:], np.float32)
+
+
+def _init_values(rec: Record, rng: np.random.Generator, d_scale: float, stream: bool = False) -> dict:
+    """Initial D, V (or A, B).  ``stream``: a full-size D or V over
+    ``_STREAM_BYTES`` is a ``ComputedValues`` with the same numbers."""
     shp = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
-    vals = {rec.D: (1.0 + d_scale * rng.standard_normal(shp["D"])).astype(np.float32)}
+
+    def big(shape) -> bool:
+        return stream and len(shape) >= 1 and int(np.prod(shape, dtype=np.int64)) * 4 > _STREAM_BYTES
+
+    if big(shp["D"]):
+        vals = {rec.D: _NormalValues(rec.D, shp["D"], rng, d_scale)}
+    else:
+        vals = {rec.D: (1.0 + d_scale * rng.standard_normal(shp["D"])).astype(np.float32)}
     if rec.V:
-        vals[rec.V] = np.zeros(shp["V"], np.float32)
+        vals[rec.V] = _ZeroValues(rec.V, shp["V"]) if big(shp["V"]) else np.zeros(shp["V"], np.float32)
     if rec.A:
         inn = shp["A"][0]
         vals[rec.A] = (rng.standard_normal(shp["A"]) / math.sqrt(max(inn, 1))).astype(np.float32)
@@ -509,7 +603,7 @@ def _init_values(rec: Record, rng: np.random.Generator, d_scale: float) -> dict[
 
 
 def _insert_one(graph, w: gs.Constant, uses: list[Use], rule: Rule, names: NameScope, rng, d_scale,
-                values, given: Record | None) -> Record:
+                values, given: Record | None, stream: bool = False) -> Record:
     fact, rank = parse_factorization(rule.factorization)
     shape = [int(s) for s in w.shape]
     axis = uses[0].axis if fact != "full" else (uses[0].axis if uses[0].axis is not None else 0)
@@ -528,7 +622,7 @@ def _insert_one(graph, w: gs.Constant, uses: list[Use], rule: Rule, names: NameS
             rec.B = names.fresh(f"{base}.beats_B")
         else:
             rec.V = names.fresh(f"{base}.beats_V")
-    init = dict(values or {}) if given is not None else _init_values(rec, rng, d_scale)
+    init = dict(values or {}) if given is not None else _init_values(rec, rng, d_scale, stream)
     want = shapes_for(rec.shape, rec.axis, rec.factorization, rec.rank)
     consts = {}
     for key in ("D", "V", "A", "B"):
@@ -537,6 +631,9 @@ def _insert_one(graph, w: gs.Constant, uses: list[Use], rule: Rule, names: NameS
             continue
         if name not in init:
             raise ReparamError(f"no value for {name!r}")
+        if isinstance(init[name], ComputedValues):  # made by _init_values in its shape
+            consts[key] = gs.Constant(name, init[name])
+            continue
         arr = np.asarray(init[name], dtype=np.float32)
         if tuple(arr.shape) != tuple(want[key]):
             raise ReparamError(f"{name!r} has shape {list(arr.shape)}, expected {list(want[key])}")
@@ -646,10 +743,15 @@ def _build_branch(graph, rec: Record, uses: list[Use], c: dict, names: NameScope
 # --------------------------------------------------------------------------- fold
 
 
-def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] | None = None) -> list[dict]:
+def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] | None = None, *,
+         stream: bool = False) -> list[dict]:
     """Fold every record: ``W0 + D (.) V`` under W0's name, inserted nodes and
     tensors removed.  ``values`` overrides the D/V tensors stored in the graph
-    (trained values from a file).  Returns one entry per folded weight."""
+    (trained values from a file).  ``stream``: a W0 still in its external data
+    file is not read here; its folded weight becomes a ``FoldedValues``
+    (computed block by block when the model is written), and full-size D/V
+    kept in external data are read a block at a time.  Returns one entry per
+    folded weight."""
     tensors = graph.tensors()
     folded = []
     for rec in records:
@@ -661,12 +763,22 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
                 t = tensors.get(name)
                 if not is_const(t):
                     raise ReparamError(f"trained tensor {name!r} of weight {rec.weight!r} is neither in the model nor in the values")
-                vals[name] = const_value(t)
+                full_size = name == rec.V or (name == rec.D and rec.factorization == "full")
+                rows = external_rows(t) if stream and full_size else None
+                vals[name] = rows if rows is not None else const_value(t)
         _check_shapes(rec, vals)
         w = _weight_of(tensors, rec)
-        new_value, biggest = apply_delta(rec, const_value(w), vals)
-        new_w = _as_constant(rec.weight, new_value)
-        del new_value
+        w0 = external_rows(w) if stream else None
+        if w0 is not None and int(np.prod(w0.shape)) > 0:
+            new_w = gs.Constant(rec.weight, FoldedValues(rec, w0, vals))
+            biggest = 0.0
+            for r0, r1 in _row_ranges(w0.shape):  # the delta only: W0 is read when written
+                biggest = max(biggest, _absmax(_delta_rows(rec, w0.shape, vals, r0, r1)))
+        else:
+            vals = {k: (v[0:v.shape[0]] if isinstance(v, ExternalRows) else v) for k, v in vals.items()}
+            new_value, biggest = apply_delta(rec, const_value(w), vals)
+            new_w = _as_constant(rec.weight, new_value)
+            del new_value
         _remove_inserted(graph, rec, w, new_w)
         folded.append({"weight": rec.weight, "max_abs_delta": biggest})
     return folded

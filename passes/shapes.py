@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .base import Pass, PassResult
+from .base import Pass, PassResult, cached_analysis
 from .convert import export_skeleton, proto_subgraphs
-from .graph import const_dtype, const_shape, const_value, io_ids, is_const, is_standard, iter_graphs, remove_nodes, replace_uses
+from .graph import const_dtype, const_shape, const_value, io_ids, is_const, is_standard, iter_graphs, replace_uses
 
 Dim = int | str | None
 
@@ -68,27 +69,28 @@ class TypeMap:
         return None
 
 
-def _read_value_info(vi: onnx.ValueInfoProto, tm: TypeMap) -> None:
-    tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-    if tt is None:
-        return
-    if tt.elem_type:
-        tm.elem[vi.name] = tt.elem_type
-    if tt.HasField("shape"):
-        dims: list[Dim] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.dim_param:
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        tm.shapes[vi.name] = tuple(dims)
+def _value_types(g: onnx.GraphProto) -> list[tuple[str, int, tuple[Dim, ...] | None]]:
+    """(name, element type, dims or None) of each tensor-typed input, output
+    and value_info of ``g`` (not its subgraphs), in that order."""
+    out = []
+    for vi in (*g.input, *g.output, *g.value_info):
+        tp = vi.type
+        if not tp.HasField("tensor_type"):
+            continue
+        tt = tp.tensor_type
+        dims = None
+        if tt.HasField("shape"):
+            dims = tuple(int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim)
+        out.append((vi.name, tt.elem_type, dims))
+    return out
 
 
 def _collect(g: onnx.GraphProto, tm: TypeMap) -> None:
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        _read_value_info(vi, tm)
+    for name, elem, dims in _value_types(g):
+        if elem:
+            tm.elem[name] = elem
+        if dims is not None:
+            tm.shapes[name] = dims
     for t in g.initializer:
         tm.elem[t.name] = t.data_type
         tm.shapes[t.name] = tuple(int(d) for d in t.dims)
@@ -96,10 +98,9 @@ def _collect(g: onnx.GraphProto, tm: TypeMap) -> None:
         _collect(sub, tm)
 
 
-def _has_long_1d(g: onnx.GraphProto) -> bool:
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        dims = vi.type.tensor_type.shape.dim
-        if len(dims) == 1 and dims[0].dim_value > _DATA_PROP_MAX_LEN:
+def _has_long_1d(g: onnx.GraphProto, types: list | None = None) -> bool:
+    for _name, _elem, dims in _value_types(g) if types is None else types:
+        if dims is not None and len(dims) == 1 and isinstance(dims[0], int) and dims[0] > _DATA_PROP_MAX_LEN:
             return True
     for node in g.node:
         for a in node.attribute:
@@ -116,25 +117,39 @@ _SHAPE_OPERAND = {"ConstantOfShape": 0, "Expand": 1, "Reshape": 1, "Resize": 3, 
 _INT_TYPES = frozenset({onnx.TensorProto.INT32, onnx.TensorProto.INT64})
 
 
-def _data_prop_bounded(g: onnx.GraphProto, vals: dict | None = None, dims: dict | None = None) -> bool:
+def _int_array(t: onnx.TensorProto) -> np.ndarray:
+    """``numpy_helper.to_array`` of an INT32/INT64 tensor stored in the model,
+    without its generic dispatch (the common layouts read directly)."""
+    if t.HasField("segment") or sys.byteorder != "little":
+        return onnx.numpy_helper.to_array(t)
+    int64 = t.data_type == onnx.TensorProto.INT64
+    dt = np.int64 if int64 else np.int32
+    if t.HasField("raw_data"):
+        return np.frombuffer(t.raw_data, dtype=dt).reshape(t.dims)
+    return np.asarray(t.int64_data if int64 else t.int32_data, dtype=dt).reshape(t.dims)
+
+
+def _data_prop_bounded(g: onnx.GraphProto, vals: dict | None = None, dims: dict | None = None,
+                       types: list | None = None) -> bool:
     """Whether no 1-D tensor can get a static length over ``_DATA_PROP_MAX_LEN``
     through data propagation, by over-estimating (per tensor) the numbers it
-    may compute (``vals``) and the numeric dims it may give (``dims``)."""
+    may compute (``vals``) and the numeric dims it may give (``dims``).
+    ``types``: ``_value_types(g)`` when the caller has it."""
     vals = {} if vals is None else vals
     dims = {} if dims is None else dims
-    shapes = {vi.name: vi.type.tensor_type.shape for vi in (*g.input, *g.output, *g.value_info)
-              if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    shapes = {name: sh for name, _elem, sh in (_value_types(g) if types is None else types) if sh is not None}
 
     def known(name):  # (max static dim, fully static, rank) from the plain inference run
         sh = shapes.get(name)
         if sh is None:
             return 0, False, None
-        return max((d.dim_value for d in sh.dim), default=0), all(d.HasField("dim_value") for d in sh.dim), len(sh.dim)
+        return (max((d if isinstance(d, int) else 0 for d in sh), default=0), all(isinstance(d, int) for d in sh),
+                len(sh))
 
     def biggest(t: onnx.TensorProto) -> int:
         if t.data_type not in _INT_TYPES or t.data_location == onnx.TensorProto.EXTERNAL:
             return 0
-        return int(np.abs(onnx.numpy_helper.to_array(t).astype(np.int64)).max(initial=0))
+        return int(np.abs(_int_array(t).astype(np.int64)).max(initial=0))
 
     for t in g.initializer:
         vals[t.name], dims[t.name] = biggest(t), max(t.dims, default=0)
@@ -187,12 +202,20 @@ def infer_types(graph: gs.Graph) -> TypeMap:
 
     An inference failure is not fatal: the map is then built from the types
     the graph already declares, and ``error`` says why inference failed.
+    Inside a ``PassManager`` run, a map computed by an earlier pass is reused
+    while no pass has modified the graph since (each caller gets its own copy).
     """
+    tm, _reused = cached_analysis(graph, "infer_types", lambda: _infer_types(graph))
+    return TypeMap(dict(tm.elem), dict(tm.shapes), tm.error)
+
+
+def _infer_types(graph: gs.Graph) -> TypeMap:
     model = export_skeleton(graph, _PROBE_CONST_LIMIT)
     tm = TypeMap()
     try:
         inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False)
-        if not _has_long_1d(inferred.graph) and _data_prop_bounded(inferred.graph):
+        types = _value_types(inferred.graph)  # read once for both checks
+        if not _has_long_1d(inferred.graph, types) and _data_prop_bounded(inferred.graph, types=types):
             inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # reported through TypeMap.error, counted by callers
         tm.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -217,7 +240,11 @@ def replace_with_constant(graph: gs.Graph, node: gs.Node, out: gs.Tensor, value:
         return
     const = gs.Constant(out.name, np.asarray(value))
     replace_uses(out, const)
-    remove_nodes(graph, [node])
+    # remove_nodes(graph, [node]) for one node: an identity test per node
+    # instead of a set lookup (folding calls this once per folded node)
+    node.inputs.clear()
+    node.outputs.clear()
+    graph.nodes = [n for n in graph.nodes if n is not node]
 
 
 def _shape_slice(rank: int, start: int, end: int | None) -> range:

@@ -14,12 +14,15 @@ B goes only when every reader of it can be rewritten so (else nothing
 changes); of a pair, the tensor whose readers cost fewer new nodes goes.
 Exact: the pair must be equal bit for bit.  Tensors below ``min_bytes`` are
 not looked at; candidates are matched by shape, then by a few sampled
-elements, and only then compared in full.
+elements, and only then compared in full, tile by tile.  A weight still in its
+external data file is never loaded whole: its sampled elements are read at
+their offsets, and the full comparison reads one tile of each tensor at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import isqrt
 
 import numpy as np
 import onnx
@@ -27,6 +30,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .base import Pass, PassResult
+from .convert import ExternalDataError, open_external
 from .fusions.matmul_add import _GEMM_TYPES
 from .graph import (
     NameScope,
@@ -34,6 +38,7 @@ from .graph import (
     const_nbytes,
     const_shape,
     const_value,
+    external_rows,
     io_ids,
     is_const,
     is_standard,
@@ -46,6 +51,7 @@ from .shapes import TypeMap, infer_types
 
 _SAMPLES = 32
 _TILE = 256
+_BLOCK_BYTES = 1 << 22  # one tile of each tensor at a time in a full comparison
 
 
 def _bump(stats: dict[str, int], key: str, by: int = 1) -> None:
@@ -63,14 +69,6 @@ def _positions(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.dtype(f"u{a.dtype.itemsize}"))
-
-
-def _probes(a: np.ndarray) -> tuple[bytes, bytes]:
-    """(a's elements at its shape's positions, a^T's elements at a^T's shape's positions), as bits."""
-    b = _bits(a)
-    rows, cols = _positions(a.shape)
-    rows_t, cols_t = _positions(a.shape[::-1])
-    return b[rows, cols].tobytes(), b[cols_t, rows_t].tobytes()
 
 
 def _equal_transposed(q: np.ndarray, p: np.ndarray) -> bool:
@@ -93,6 +91,79 @@ def _matrix(c: gs.Constant) -> np.ndarray:
         if len(raw) == dt.itemsize * shape[0] * shape[1]:
             return np.frombuffer(raw, dt).reshape(shape)
     return const_value(c)
+
+
+class _Bits:
+    """A 2-D constant's elements as unsigned integers of their width: sampled elements and tiles.
+    In memory they are views; a weight still in its external data file is read piecewise from
+    it (``graph.external_rows`` for whole rows, ``open_external`` for runs within rows), never whole."""
+
+    def __init__(self, c: gs.Constant):
+        self.name = c.name
+        self.shape = const_shape(c)
+        self.dtype = np.dtype(f"u{const_dtype(c).itemsize}")
+        self.rows = external_rows(c)
+        self.bits = _bits(_matrix(c)) if self.rows is None else None
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        if self.bits is not None:
+            return self.bits[rows, cols]
+        out = np.empty((len(rows), 1), self.dtype)
+        self._read(np.asarray(rows, np.int64) * self.shape[1] + cols, out)
+        return out.ravel()
+
+    def tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Rows r0:r1, columns c0:c1."""
+        if self.bits is not None:
+            return self.bits[r0:r1, c0:c1]
+        if c0 == 0 and c1 == self.shape[1]:  # whole rows: one contiguous read
+            return self.rows[r0:r1].view(self.dtype)
+        out = np.empty((r1 - r0, c1 - c0), self.dtype)
+        self._read(np.arange(r0, r1, dtype=np.int64) * self.shape[1] + c0, out)
+        return out
+
+    def _read(self, starts: np.ndarray, out: np.ndarray) -> None:
+        """out[i] = the len(out[i]) elements from element index starts[i] on (row-major)."""
+        v = self.rows.values
+        f, offset, _length = open_external(v.tensor, v.base_dir)
+        size = out.itemsize
+        with f:
+            for i, k in enumerate(starts.tolist()):
+                f.seek(offset + k * size)
+                if f.readinto(out[i]) != out[i].nbytes:
+                    raise ExternalDataError(f"external data of {self.name!r} ends early")
+
+
+def _whole_tiles(n: int) -> int:
+    """n rounded down to a multiple of ``_TILE`` (at least 1), so a tile splits into whole square tiles."""
+    return max(1, n - n % _TILE if n >= _TILE else n)
+
+
+def _probes(m: _Bits) -> tuple[bytes, bytes]:
+    """(m's elements at its shape's positions, m^T's elements at m^T's shape's positions), as bits."""
+    rows, cols = _positions(m.shape)
+    rows_t, cols_t = _positions(m.shape[::-1])
+    return m.at(rows, cols).tobytes(), m.at(cols_t, rows_t).tobytes()
+
+
+def _equal_transposed_tiled(q: _Bits, p: _Bits) -> bool:
+    """q == p^T bit for bit: row blocks of p against column blocks of q, a tile of each held at a
+    time (at most ``_BLOCK_BYTES`` each); stops at the first tile that differs.  Tiles span whole
+    rows where the budget allows, so an external tensor is then read in one run per tile."""
+    if p.bits is not None and q.bits is not None:
+        return _equal_transposed(q.bits, p.bits)
+    rows, cols = p.shape
+    elems = max(1, _BLOCK_BYTES // p.dtype.itemsize)
+    side = _whole_tiles(isqrt(elems))
+    w = min(cols, side)
+    h = min(rows, _whole_tiles(max(side, elems // w)))
+    for r0 in range(0, rows, h):
+        r1 = min(rows, r0 + h)
+        for c0 in range(0, cols, w):
+            c1 = min(cols, c0 + w)
+            if not _equal_transposed(q.tile(c0, c1, r0, r1), p.tile(r0, r1, c0, c1)):
+                return False
+    return True
 
 
 @dataclass
@@ -169,7 +240,7 @@ class DedupeTransposedInitializers(Pass):
         plain: dict[tuple, list[gs.Constant]] = {}
         flipped: dict[int, tuple] = {}
         for c in cands:  # one tensor loaded at a time
-            straight, transposed = _probes(_matrix(c))
+            straight, transposed = _probes(_Bits(c))
             dt, shape = const_dtype(c).str, const_shape(c)
             plain.setdefault((dt, shape, straight), []).append(c)
             flipped[id(c)] = (dt, shape[::-1], transposed)
@@ -182,7 +253,7 @@ class DedupeTransposedInitializers(Pass):
                     continue
                 tried.add((id(p), id(q)))
                 _bump(stats, "compared")
-                if _equal_transposed(_matrix(q), _matrix(p)):
+                if _equal_transposed_tiled(_Bits(q), _Bits(p)):
                     pairs.append((p, q))
                     used.update((id(p), id(q)))
                     break

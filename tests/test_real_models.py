@@ -279,8 +279,9 @@ def test_expected_rewrites(case: Case):
     if case.fewer_nodes:
         assert r.nodes_after < r.nodes_before
     # every op kind (and count) that survives was in the original; nothing new but fused forms
+    # (Gemm) and Flatten (a shape-computed Reshape to [dim 0, -1], simplify_shape_reshapes)
     for op, n in r.op_histogram_after.items():
-        if op not in ("Gemm",):
+        if op not in ("Gemm", "Flatten"):
             assert n <= r.op_histogram_before.get(op, 0), op
 
 

@@ -45,7 +45,11 @@ def rich_model() -> onnx.ModelProto:
         H("MatMul", ["d", "w2"], ["q"]),
         H("Add", ["q", "b3"], ["q1"]),
         H("Add", ["q1", "zero4"], ["q2"]),
-        H("Unsqueeze", ["q2", "ax0"], ["u1"]),
+        # eliminate_reshape_pairs: view -> element-wise with a scalar -> view back
+        H("Reshape", ["q2", "r14"], ["q2r"]),
+        H("Mul", ["q2r", "k"], ["q2m"]),
+        H("Reshape", ["q2m", "m14"], ["q2b"]),
+        H("Unsqueeze", ["q2b", "ax0"], ["u1"]),
         H("Unsqueeze", ["u1", "ax0"], ["u2"]),
         H("Squeeze", ["u2", "ax01"], ["q3"]),
         H("Scaler", ["q3"], ["scl"], domain="ai.onnx.ml", offset=[0.1, 0.2, 0.3, 0.4], scale=[1.0, 2.0, 0.5, 1.5]),
@@ -60,6 +64,7 @@ def rich_model() -> onnx.ModelProto:
         "last": np.array(-1, np.int64),
         "w2": f32(4, 4, seed=7), "b3": f32(4, seed=8), "zero4": np.zeros(4, np.float32),
         "ax0": np.array([0], np.int64), "ax01": np.array([0, 1], np.int64),
+        "r14": I64(1, -1, 4), "m14": I64(-1, 4),
         "chs": np.array([0.5, 2.0], np.float32).reshape(2, 1, 1),
     }
     g = helper.make_graph(nodes, "test", [vi("img", [1, 3, 6, 6]), vi("vec", ["N", 4])],

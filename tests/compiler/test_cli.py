@@ -89,7 +89,7 @@ def test_success_writes_output_and_report(model_file, tmp_path):
     assert REPORT_KEYS <= set(rep)
     assert rep["verified"] is True
     assert isinstance(rep["max_abs_diff"], float) and 0 <= rep["max_abs_diff"] < 1e-4
-    assert rep["nodes_before"] == 33 and rep["nodes_after"] == len(out.graph.node)
+    assert rep["nodes_before"] == 36 and rep["nodes_after"] == len(out.graph.node)
     assert rep["latency_ms_before"] > 0 and rep["latency_ms_after"] > 0
     assert rep["output"] == str(tmp_path / "model.beats.onnx")
     assert rep["file_size_after"] == (tmp_path / "model.beats.onnx").stat().st_size

@@ -3,12 +3,19 @@
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, external_data_helper, helper
 
+import passes.graph
+import passes.transposed_duplicates as td
 from beats_compiler.io import save_model
 from beats_compiler.targets import TARGETS
 from passes import to_graph, to_model
-from passes.transposed_duplicates import DedupeTransposedInitializers, _positions
+from passes.convert import ExternalValues
+from passes.transposed_duplicates import (
+    _SAMPLES,
+    DedupeTransposedInitializers,
+    _positions,
+)
 from tests.helpers import (
     apply,
     assert_same_on_ort,
@@ -189,3 +196,99 @@ def test_external_data(tmp_path):
     out = onnx.load(tmp_path / "out.onnx")
     assert "wt" not in init_names(out)
     assert_same_on_ort(m, out, feeds([2, 3, E]), rtol=1e-5, atol=1e-5)
+
+
+PROBE_BYTES = 2 * (4 + _SAMPLES) * 4  # per tensor: 36 sampled elements of it and 36 of its transpose, float32
+
+
+def external(m, tmp_path, inline=()):
+    """m's graph with its initializers in m.data, except those named in ``inline``."""
+    m = onnx.ModelProto.FromString(m.SerializeToString())  # onnx.save moves m's own tensors out
+    onnx.save(m, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    model = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    for t in model.graph.initializer:
+        if t.name in inline:
+            external_data_helper.load_external_data_for_tensor(t, str(tmp_path))
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+    return to_graph(model, tmp_path)
+
+
+class _Counted:
+    def __init__(self, f, log):
+        self.f, self.log = f, log
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def seek(self, pos):
+        return self.f.seek(pos)
+
+    def readinto(self, buf):
+        n = self.f.readinto(buf)
+        self.log.append(n)
+        return n
+
+
+def run_counted(g, monkeypatch, block_bytes=None):
+    """Run the pass on g; returns its result and the size of every read of external data.
+    Loading an external tensor whole fails the test."""
+    log = []
+    real_open, real_rows = td.open_external, passes.graph.ExternalRows.__getitem__
+
+    def open_counted(tensor, base_dir):
+        f, offset, length = real_open(tensor, base_dir)
+        return _Counted(f, log), offset, length
+
+    def rows_counted(self, rows):
+        a = real_rows(self, rows)
+        log.append(a.nbytes)
+        return a
+
+    with monkeypatch.context() as mp:
+        mp.setattr(td, "open_external", open_counted)
+        mp.setattr(passes.graph.ExternalRows, "__getitem__", rows_counted)
+        mp.setattr(ExternalValues, "load", lambda self: pytest.fail(f"{self.tensor.name} loaded whole"))
+        if block_bytes is not None:
+            mp.setattr(td, "_BLOCK_BYTES", block_bytes)
+        res = DedupeTransposedInitializers(min_bytes=0)(g)
+    return res, log
+
+
+@pytest.mark.parametrize("block_bytes", [64, 256])  # 4x4 tiles (runs within rows); wte's tiles span whole rows
+@pytest.mark.parametrize("inline", [(), ("wte",)])
+def test_external_pair_compared_tile_by_tile(tmp_path, monkeypatch, block_bytes, inline):
+    m = lm_head([6, E])
+    g, env = external(m, tmp_path, inline)
+    res, log = run_counted(g, monkeypatch, block_bytes)
+    assert res.stats == {"compared": 1, "merged": 1, "bytes_saved": V * E * 4, "readers_rewritten": 1}
+    # each external tensor: its probes, then every element once; never more than a tile in one read
+    assert sum(log) == (2 - len(inline)) * (PROBE_BYTES + V * E * 4) and max(log) <= block_bytes
+    save_model(to_model(g, env), tmp_path / "out.onnx", base_dir=tmp_path)
+    out = onnx.load(tmp_path / "out.onnx")
+    assert init_names(out) == ["wte"] and ops(out) == ["Gather", "Gemm"]
+    assert_same_on_ort(m, out, feeds([6, E]), rtol=1e-5, atol=1e-5)
+
+
+def test_external_probe_mismatch_reads_only_probes(tmp_path, monkeypatch):
+    wt = f32(V, E, seed=1).T.copy()
+    rows, cols = _positions((E, V))
+    wt[rows[5], cols[5]] = -wt[rows[5], cols[5]]
+    g, _ = external(lm_head([6, E], wt=wt), tmp_path)
+    res, log = run_counted(g, monkeypatch)
+    assert not res.modified and res.stats == {}
+    assert sum(log) == 2 * PROBE_BYTES and max(log) == 4  # one element per read
+
+
+def test_external_full_compare_stops_at_first_differing_tile(tmp_path, monkeypatch):
+    wt = f32(V, E, seed=1).T.copy()
+    sampled = set(zip(*_positions((E, V)))) | {(j, i) for i, j in zip(*_positions((V, E)))}
+    i, j = next((i, j) for i in range(4) for j in range(4) if (i, j) not in sampled)  # in the first 4x4 tile
+    wt[i, j] += 1e-6
+    g, _ = external(lm_head([6, E], wt=wt), tmp_path)
+    res, log = run_counted(g, monkeypatch, block_bytes=64)
+    assert not res.modified and res.stats == {"compared": 1}
+    assert sum(log) == 2 * PROBE_BYTES + 2 * 64  # the first tile of each, no more

@@ -1,0 +1,100 @@
+"""Shape inference reused across the passes of one PassManager run, while no
+pass has modified the graph; recomputed after any modification."""
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from passes import PassManager, PassResult, infer_types, shapes, to_graph
+from passes.base import Pass
+from tests.helpers import make_model, vi
+
+H = helper.make_node
+
+
+def graph():
+    # x -> Cast(float) -> t -> Cast(float) -> y; the first Cast's `to` decides t's type
+    g, _ = to_graph(make_model([H("Cast", ["x"], ["t"], to=TensorProto.FLOAT),
+                                H("Cast", ["t"], ["y"], to=TensorProto.FLOAT)],
+                               [vi("x", [2])], [vi("y", [2])]))
+    return g
+
+
+def t_of(g):
+    return next(n for n in g.nodes if n.outputs[0].name == "t").outputs[0]
+
+
+class Probe(Pass):
+    """Records the dtype inference gives ``t``; never modifies."""
+
+    name = "probe"
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def call(self, graph):
+        self.seen.append(infer_types(graph).dtype(t_of(graph)))
+        return PassResult(False, {})
+
+
+class ToDouble(Pass):
+    """Makes ``t`` a double once (asking for inference before and after the edit)."""
+
+    name = "to_double"
+
+    def __init__(self, seen):
+        self.seen = seen
+
+    def call(self, graph):
+        node = t_of(graph).inputs[0]
+        if node.attrs["to"] == TensorProto.DOUBLE:
+            return PassResult(False, {})
+        self.seen.append(infer_types(graph).dtype(t_of(graph)))
+        node.attrs["to"] = TensorProto.DOUBLE
+        self.seen.append(infer_types(graph).dtype(t_of(graph)))
+        return PassResult(True, {})
+
+
+def counting(monkeypatch):
+    calls = []
+    real = shapes._infer_types
+
+    def count(g):
+        calls.append(1)
+        return real(g)
+
+    monkeypatch.setattr(shapes, "_infer_types", count)
+    return calls
+
+
+def test_unchanged_graph_is_inferred_once(monkeypatch):
+    calls, seen = counting(monkeypatch), []
+    rep = PassManager([Probe(seen), Probe(seen), Probe(seen)]).run(graph())
+    assert rep.converged and seen == [np.float32] * 3 and len(calls) == 1
+
+
+def test_modification_invalidates_and_a_second_request_in_a_pass_recomputes(monkeypatch):
+    calls, seen = counting(monkeypatch), []
+    PassManager([Probe(seen), ToDouble(seen), Probe(seen)]).run(graph())
+    # round 1: probe (computed), to_double before (reused) and after its edit
+    # (recomputed), probe (recomputed after the modification); round 2: reused
+    assert seen == [np.float32, np.float32, np.float64, np.float64, np.float64, np.float64]
+    assert len(calls) == 3
+
+
+def test_outside_a_manager_every_call_computes_and_callers_get_copies(monkeypatch):
+    calls, g = counting(monkeypatch), graph()
+    a = infer_types(g)
+    a.elem.clear()
+    assert infer_types(g).dtype(t_of(g)) == np.float32 and len(calls) == 2
+    calls.clear()
+    seen = []
+
+    class Spoil(Pass):
+        name = "spoil"
+
+        def call(self, graph):
+            infer_types(graph).elem.clear()  # a caller's edits stay in its copy
+            return PassResult(False, {})
+
+    PassManager([Spoil(), Probe(seen)]).run(g)
+    assert seen == [np.float32] and len(calls) == 1
