@@ -84,7 +84,7 @@ def main() -> None:
     f0, f1 = _feeds(s0, feeds), _feeds(s1, feeds)
     out["diff"] = _diff(s0.run(None, f0), s1.run(None, f1))
     out["lat_default"] = _alternate(s0, s1, f0, f1, rounds, budget)
-    del s0, s1
+    s0 = s1 = None
     try:
         s0 = _session(orig, level.ORT_DISABLE_ALL)
         s1 = _session(result, level.ORT_DISABLE_ALL)
