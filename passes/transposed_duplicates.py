@@ -187,7 +187,7 @@ class DedupeTransposedInitializers(Pass):
     name = "dedupe_transposed_initializers"
     idempotent = True
 
-    def __init__(self, min_bytes: int = 1 << 20):
+    def __init__(self, min_bytes: int = 1 << 16):
         self.min_bytes = min_bytes
 
     def call(self, graph: gs.Graph) -> PassResult:
