@@ -169,14 +169,21 @@ class ExternalRows:
         if step != 1:
             raise TypeError("ExternalRows takes contiguous rows")
         r1 = max(r0, r1)
-        count = (r1 - r0) * self._row_bytes
+        out = np.empty((r1 - r0,) + self.shape[1:], self.dtype)
+        self.read_runs([r0 * self._row_bytes // self.dtype.itemsize], out.reshape(1, -1))
+        return out
+
+    def read_runs(self, starts, out: np.ndarray) -> None:
+        """``out[i]`` = the ``len(out[i])`` elements from flat (C-order) element
+        index ``starts[i]`` on, read from the file (``out``'s item size must be
+        the tensor's)."""
         f, offset, _length = open_external(self.values.tensor, self.values.base_dir)
+        size = out.itemsize
         with f:
-            f.seek(offset + r0 * self._row_bytes)
-            data = np.fromfile(f, dtype=np.uint8, count=count)
-        if data.size != count:
-            raise ExternalDataError(f"external data of {self.values.tensor.name!r} ends early")
-        return data.view(self.dtype).reshape((r1 - r0,) + self.shape[1:])
+            for i, k in enumerate(starts):
+                f.seek(offset + int(k) * size)
+                if f.readinto(out[i]) != out[i].nbytes:
+                    raise ExternalDataError(f"external data of {self.values.tensor.name!r} ends early")
 
 
 def external_rows(t: gs.Constant) -> ExternalRows | None:
@@ -200,13 +207,15 @@ class ComputedValues(LazyValues):
     exports as an external data reference to ``COMPUTED_LOCATION``, which the
     model writer (``beats_compiler.io.save_model`` with a ``DataFolder``
     holding this object) fills from ``blocks()``; ``load()`` computes the whole
-    array.  Subclasses define ``blocks``: C-order slices along axis 0, in order."""
+    array.  Subclasses define ``blocks``: C-order slices along axis 0, in order
+    (``dims``: the shape as a tuple of ints)."""
 
     def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...]):
         tensor = onnx.TensorProto(name=name, data_type=onnx_dtype(dtype), dims=[int(d) for d in shape])
         tensor.data_location = onnx.TensorProto.EXTERNAL
         self.np_dtype = np.dtype(dtype)
-        self.nbytes_total = int(np.prod(shape, dtype=np.int64)) * self.np_dtype.itemsize
+        self.dims = tuple(int(d) for d in shape)
+        self.nbytes_total = int(np.prod(self.dims, dtype=np.int64)) * self.np_dtype.itemsize
         for k, v in (("location", COMPUTED_LOCATION), ("offset", "0"), ("length", str(self.nbytes_total))):
             e = tensor.external_data.add()
             e.key, e.value = k, v
@@ -216,7 +225,7 @@ class ComputedValues(LazyValues):
         raise NotImplementedError
 
     def load(self) -> np.ndarray:
-        shape = tuple(int(d) for d in self.tensor.dims)
+        shape = self.dims
         rows, per_row = (shape[0], int(np.prod(shape[1:], dtype=np.int64))) if shape else (1, 1)
         out = np.empty(shape, self.np_dtype)
         flat = out.reshape(rows, per_row)

@@ -559,7 +559,7 @@ class _NormalValues(ComputedValues):
 
     def __init__(self, name: str, shape: tuple[int, ...], rng: np.random.Generator, scale: float):
         super().__init__(name, np.dtype(np.float32), shape)
-        self.dims, self.scale = tuple(shape), scale
+        self.scale = scale
         self.kind, self.state = type(rng.bit_generator), rng.bit_generator.state
         for r0, r1 in _row_ranges(self.dims):  # move ``rng`` past D, as drawing it would
             rng.standard_normal((r1 - r0,) + self.dims[1:])
@@ -574,7 +574,6 @@ class _NormalValues(ComputedValues):
 class _ZeroValues(ComputedValues):
     def __init__(self, name: str, shape: tuple[int, ...]):
         super().__init__(name, np.dtype(np.float32), shape)
-        self.dims = tuple(shape)
 
     def blocks(self):
         for r0, r1 in _row_ranges(self.dims):

@@ -30,7 +30,6 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .base import Pass, PassResult
-from .convert import ExternalDataError, open_external
 from .fusions.matmul_add import _GEMM_TYPES
 from .graph import (
     NameScope,
@@ -96,7 +95,7 @@ def _matrix(c: gs.Constant) -> np.ndarray:
 class _Bits:
     """A 2-D constant's elements as unsigned integers of their width: sampled elements and tiles.
     In memory they are views; a weight still in its external data file is read piecewise from
-    it (``graph.external_rows`` for whole rows, ``open_external`` for runs within rows), never whole."""
+    it (``graph.external_rows``: whole rows, or runs within rows), never whole."""
 
     def __init__(self, c: gs.Constant):
         self.name = c.name
@@ -109,7 +108,7 @@ class _Bits:
         if self.bits is not None:
             return self.bits[rows, cols]
         out = np.empty((len(rows), 1), self.dtype)
-        self._read(np.asarray(rows, np.int64) * self.shape[1] + cols, out)
+        self.rows.read_runs(np.asarray(rows, np.int64) * self.shape[1] + cols, out)
         return out.ravel()
 
     def tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -119,20 +118,8 @@ class _Bits:
         if c0 == 0 and c1 == self.shape[1]:  # whole rows: one contiguous read
             return self.rows[r0:r1].view(self.dtype)
         out = np.empty((r1 - r0, c1 - c0), self.dtype)
-        self._read(np.arange(r0, r1, dtype=np.int64) * self.shape[1] + c0, out)
+        self.rows.read_runs(np.arange(r0, r1, dtype=np.int64) * self.shape[1] + c0, out)
         return out
-
-    def _read(self, starts: np.ndarray, out: np.ndarray) -> None:
-        """out[i] = the len(out[i]) elements from element index starts[i] on (row-major)."""
-        v = self.rows.values
-        f, offset, _length = open_external(v.tensor, v.base_dir)
-        size = out.itemsize
-        with f:
-            for i, k in enumerate(starts.tolist()):
-                f.seek(offset + k * size)
-                if f.readinto(out[i]) != out[i].nbytes:
-                    raise ExternalDataError(f"external data of {self.name!r} ends early")
-
 
 def _whole_tiles(n: int) -> int:
     """n rounded down to a multiple of ``_TILE`` (at least 1), so a tile splits into whole square tiles."""
