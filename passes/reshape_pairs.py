@@ -45,7 +45,7 @@ from .graph import (
     producer,
     remove_nodes,
 )
-from .shape_reshape import _ints
+from .shape_reshape import const_ints
 from .shapes import TypeMap, infer_types
 
 _UNARY = frozenset({
@@ -95,7 +95,7 @@ class EliminateReshapePairs(Pass):
             for node in list(g.nodes):
                 if id(node) not in local or not _is_reshape(node) or not node.inputs[0].name:
                     continue
-                target = _ints(node.inputs[1], 1)
+                target = const_ints(node.inputs[1], 1)
                 if target is None or sum(1 for v in target if v == -1) > 1 or any(v == 0 or v < -1 for v in target):
                     continue
                 match = _match(node, len(target), local, out_ids)

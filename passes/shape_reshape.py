@@ -54,7 +54,7 @@ _FLATTEN_DTYPES = frozenset({"bool", "int8", "int16", "int32", "int64", "uint8",
                              "float16", "float32", "float64", "complex64", "complex128"})
 
 
-def _ints(t: gs.Tensor, ndim: int) -> list[int] | None:
+def const_ints(t: gs.Tensor, ndim: int) -> list[int] | None:
     """The values of a constant int tensor (initializer or Constant node) of rank ``ndim``."""
     if not is_const(t):
         node = _std(t, "Constant")
@@ -107,7 +107,7 @@ def _pick(t: gs.Tensor, tm: TypeMap, scalar: bool) -> list[Piece] | None:
     if node.op == "Gather":
         if len(node.inputs) != 2 or int(node.attrs.get("axis", 0)) not in (0, -1):
             return None
-        idx = _ints(node.inputs[1], 0 if scalar else 1)
+        idx = const_ints(node.inputs[1], 0 if scalar else 1)
         if idx is None or not all(-n <= i < n for i in idx):
             return None
         return [dims[i] for i in idx]
@@ -116,9 +116,9 @@ def _pick(t: gs.Tensor, tm: TypeMap, scalar: bool) -> list[Piece] | None:
     parts = node.inputs[1:5]
     if len(parts) < 2 or not all(is_const(p) for p in parts if p.name):
         return None
-    starts, ends = _ints(parts[0], 1), _ints(parts[1], 1)
-    axes = _ints(parts[2], 1) if len(parts) > 2 and parts[2].name else [0]
-    steps = _ints(parts[3], 1) if len(parts) > 3 and parts[3].name else [1]
+    starts, ends = const_ints(parts[0], 1), const_ints(parts[1], 1)
+    axes = const_ints(parts[2], 1) if len(parts) > 2 and parts[2].name else [0]
+    steps = const_ints(parts[3], 1) if len(parts) > 3 and parts[3].name else [1]
     if not (starts and ends and axes and steps) or not len(starts) == len(ends) == len(axes) == len(steps) == 1:
         return None
     if axes[0] not in (0, -1) or steps[0] != 1:
@@ -130,7 +130,7 @@ def pieces(t: gs.Tensor, tm: TypeMap, depth: int = 0) -> list[Piece] | None:
     """The 1-D int tensor ``t`` as pieces, or None when some element is not one."""
     if depth > _MAX_DEPTH:
         return None
-    const = _ints(t, 1)
+    const = const_ints(t, 1)
     if const is not None:
         return const
     node = _std(t, "Concat", "Unsqueeze", "Gather", "Slice", "Shape")
@@ -149,11 +149,11 @@ def pieces(t: gs.Tensor, tm: TypeMap, depth: int = 0) -> list[Piece] | None:
     if node.op == "Unsqueeze":
         axes = node.attrs.get("axes")
         if axes is None and len(node.inputs) == 2:
-            axes = _ints(node.inputs[1], 1)
+            axes = const_ints(node.inputs[1], 1)
         if axes is None or [int(a) for a in axes] not in ([0], [-1]):
             return None
         src = node.inputs[0]
-        return _ints(src, 0) or _pick(src, tm, scalar=True)
+        return const_ints(src, 0) or _pick(src, tm, scalar=True)
     if node.op == "Shape":
         return _shape_dims(t, tm)
     return _pick(t, tm, scalar=False)
