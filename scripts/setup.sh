@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Sets up everything on a fresh machine with only Python 3.10-3.12 and pip:
-#   .venv/        beats-compile (editable) with its test, exporter and bench extras
-#                 (current onnx and onnxruntime);
-#   .venv-train/  ONNX Runtime training's last Python release
-#                 (onnxruntime-training-cpu 1.19.2, pinned with onnx 1.17) and
-#                 beats-compile (editable): `beats-compile artifacts|train` run there;
+# Sets up everything on a fresh machine with only Python 3.10-3.13 and pip:
+#   .venv/        beats-compile (editable) with its test, exporter, bench and npu extras
+#                 (current onnx and onnxruntime; training runs here too);
+#   .cache/torchvision-0.28.0/  torchvision for the MobileNetV3 training test (side folder);
 #   .cache/onnx-backend-data/  the ONNX backend test data of the onnx 1.17 wheel.
+# ONNX Runtime training 1.19.2 (the optional on-device export, `artifacts --format ort`)
+# is not installed here: scripts/ort-training-env.sh makes it on demand.
 # Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,18 +22,11 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.beats-setup-*
   touch "$stamp"
 fi
-# The training environment.  onnxruntime-training-cpu installs the same
-# `onnxruntime` module as the onnxruntime package, so beats-compile goes in with
-# --no-deps and its other dependencies are listed here (see scripts/train-requirements.txt).
-if [ ! -x .venv-train/bin/python ]; then
-  "$PY" -m venv .venv-train
-fi
-tstamp=.venv-train/.beats-setup-$(cat pyproject.toml scripts/setup.sh scripts/train-requirements.txt | sha256sum | cut -c1-16)
-if [ ! -f "$tstamp" ]; then
-  .venv-train/bin/python -m pip install --quiet --upgrade pip
-  .venv-train/bin/python -m pip install --quiet -r scripts/train-requirements.txt
-  .venv-train/bin/python -m pip install --quiet --no-deps -e .
-  rm -f .venv-train/.beats-setup-*
-  touch "$tstamp"
+# torchvision's real MobileNetV3 for the training tests: its PyPI wheel is a CUDA
+# build whose C ops cannot load beside the CPU torch, and transformers imports any
+# torchvision it finds, so it goes into a side folder that only
+# tests/torchvision_models.py puts on sys.path (with its C-op registrations stubbed).
+if [ ! -d .cache/torchvision-0.28.0/torchvision ]; then
+  .venv/bin/python -m pip install --quiet --no-deps --target .cache/torchvision-0.28.0 "torchvision==0.28.0"
 fi
 .venv/bin/python scripts/fetch_backend_data.py

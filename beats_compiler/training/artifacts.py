@@ -56,7 +56,13 @@ class ArtifactsResult:
         return cls(**d)
 
 
-def _check_options(loss: str, optimizer: str, lr: float, weight_decay: float, betas, eps: float) -> None:
+ENGINES = ("beats", "ort")
+
+
+def _check_options(loss: str, optimizer: str, lr: float, weight_decay: float, betas, eps: float,
+                   engine: str = "ort", momentum: float = 0.0) -> None:
+    if engine not in ENGINES:
+        raise InputError(f"unknown format {engine!r}: use beats (the default) or ort")
     if loss not in LOSSES:
         raise InputError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
     if optimizer not in OPTIMIZERS:
@@ -69,8 +75,13 @@ def _check_options(loss: str, optimizer: str, lr: float, weight_decay: float, be
         raise InputError(f"betas must be two numbers in [0, 1), not {tuple(betas)}")
     if not (eps > 0):
         raise InputError(f"eps must be > 0, not {eps}")
-    if optimizer == "sgd" and weight_decay:
-        raise InputError("ORT training's SGD has no weight decay: use --optimizer adamw for weight decay")
+    if not (0 <= momentum < 1):
+        raise InputError(f"momentum must be in [0, 1), not {momentum}")
+    if momentum and optimizer != "sgd":
+        raise InputError("--momentum applies to --optimizer sgd")
+    if engine == "ort" and optimizer == "sgd" and (weight_decay or momentum):
+        raise InputError("ORT training's SGD has no weight decay or momentum: use --format beats (the default) "
+                         "or --optimizer adamw")
 
 
 def generate_artifacts(
@@ -85,6 +96,9 @@ def generate_artifacts(
     weight_decay: float = DEFAULTS["weight_decay"],
     betas: tuple[float, float] = DEFAULTS["betas"],
     eps: float = DEFAULTS["eps"],
+    momentum: float = 0.0,
+    ignore_index: int = -100,
+    format: str = "beats",
     progress: Callable[[dict], None] | None = None,
 ) -> ArtifactsResult:
     """Generate ORT training artifacts for ``inserted_model`` (made by
@@ -93,11 +107,29 @@ def generate_artifacts(
     ``loss`` (ce | mse | bce | l1) applies to the model output ``output``
     (default: the first); the label input is ``label_name`` (default
     ``labels`` for ce, ``target`` otherwise).  ``lr`` is stored as the default
-    learning rate of ``train``.  Runs in this process when it is the training
-    environment, otherwise in the training interpreter (see ``env``).  A model
-    ORT training cannot take raises ``InputError`` with the pre-flight report."""
+    learning rate of ``train``.  ``format="beats"`` (the default): a train-step
+    and an eval model built by the gradient pass, run by ``train`` on current
+    onnxruntime (``momentum``: SGD's; ``ignore_index``: ce labels that do not
+    count).  ``format="ort"``: ONNX Runtime training's on-device artifacts
+    (for its C/C++/C#/Java training API), made by onnxruntime-training 1.19.2
+    in this process when it is the training environment, otherwise in the
+    training interpreter (see ``env``).  A model the engine cannot take raises
+    ``InputError`` with the pre-flight report."""
     betas = tuple(float(b) for b in betas)
-    _check_options(loss, optimizer, lr, weight_decay, betas, eps)
+    _check_options(loss, optimizer, lr, weight_decay, betas, eps, format, momentum)
+    if format == "beats":
+        from .native import generate_native
+
+        src, out = Path(inserted_model), Path(out_dir)
+        if not src.is_file():
+            raise InputError(f"{src}: no such file")
+        if not out.absolute().parent.is_dir():
+            raise InputError(f"{out}: parent folder {out.absolute().parent} does not exist")
+        return ArtifactsResult.from_dict(generate_native(
+            inserted_model=os.fspath(src.absolute()), out_dir=os.fspath(out.absolute()), loss=loss, output=output,
+            label_name=label_name, optimizer=optimizer, lr=float(lr), weight_decay=float(weight_decay),
+            betas=list(betas), eps=float(eps), momentum=float(momentum), ignore_index=int(ignore_index),
+            progress=progress))
     args = dict(inserted_model=os.fspath(Path(inserted_model).absolute()), out_dir=os.fspath(Path(out_dir).absolute()),
                 loss=loss, output=output, label_name=label_name, optimizer=optimizer, lr=float(lr),
                 weight_decay=float(weight_decay), betas=list(betas), eps=float(eps))

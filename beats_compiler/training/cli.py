@@ -28,9 +28,12 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
 
     if cmd == "artifacts":
         p = _Parser(prog="beats-compile artifacts", epilog=_EPILOG,
-                    description="Generate ONNX Runtime training artifacts (training, eval and optimizer models, "
-                                "checkpoint) for a model made by `beats-compile insert`: D/V trainable, every other "
-                                "initializer frozen.")
+                    description="Generate training artifacts for a model made by `beats-compile insert`: D/V "
+                                "trainable, every other initializer frozen. Default format: a train-step model "
+                                "(forward, loss, backward from the gradient pass, optimizer update) and an eval model "
+                                "that `train` runs on current onnxruntime. --format ort: ONNX Runtime training's "
+                                "on-device artifacts for its C/C++/C#/Java training API (needs onnxruntime-training "
+                                "1.19.2 in a separate environment).")
         p.add_argument("model", help="the inserted .onnx model (never modified)")
         p.add_argument("-o", "--output-dir", dest="out", required=True, metavar="DIR", help="artifacts folder to write")
         p.add_argument("--loss", default="ce", choices=list(LOSSES),
@@ -46,6 +49,12 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--betas", type=_betas, default=DEFAULTS["betas"], metavar="B1,B2",
                        help="AdamW betas (default 0.9,0.999)")
         p.add_argument("--eps", type=_positive_float, default=DEFAULTS["eps"], help="AdamW epsilon (default 1e-8)")
+        p.add_argument("--momentum", type=_positive_float, default=0.0, help="SGD momentum (default 0)")
+        p.add_argument("--ignore-index", type=int, default=-100,
+                       help="ce: label value that does not count, e.g. padding tokens (default -100)")
+        p.add_argument("--format", default="beats", choices=["beats", "ort"],
+                       help="beats (default: run by `train` on current onnxruntime) or ort (ORT training 1.19.2's "
+                            "on-device format)")
     else:
         p = _Parser(prog="beats-compile train", epilog=_EPILOG,
                     description="Train the D/V of an artifacts folder on .npz data (model input names and the label "
@@ -72,6 +81,9 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
                        help="largest |folded - trained| logit difference accepted (default 1e-4)")
         p.add_argument("--save-adapter", metavar="A.npz", help="where to write the adapter (default RUN/adapter.npz)")
         p.add_argument("--no-curve", action="store_true", help="do not draw curve.png")
+        p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                       help="execution provider for the default format (cuda needs onnxruntime-gpu)")
+        p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: onnxruntime's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     return p
@@ -93,7 +105,8 @@ def _run_artifacts(args, console) -> int:
     try:
         res = generate_artifacts(args.model, args.out, loss=args.loss, output=args.output, label_name=args.label_name,
                                  optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
-                                 betas=args.betas, eps=args.eps, progress=progress)
+                                 betas=args.betas, eps=args.eps, momentum=args.momentum,
+                                 ignore_index=args.ignore_index, format=args.format, progress=progress)
     finally:
         if status is not None:
             status.stop()
@@ -109,7 +122,8 @@ def _run_artifacts(args, console) -> int:
     console.print(t)
     opt = m["optimizer"]
     settings = (f"lr {opt['lr']:g}, weight decay {opt['weight_decay']:g}, betas {tuple(opt['betas'])}, eps {opt['eps']:g}"
-                if opt["name"] == "adamw" else f"lr {opt['lr']:g}")
+                if opt["name"] == "adamw" else f"lr {opt['lr']:g}, momentum {opt.get('momentum') or 0:g}, "
+                                              f"weight decay {opt['weight_decay']:g}")
     console.print(f"loss: {m['loss']} on output {m['loss_output']!r}; label input {m['label']['name']!r} "
                   f"({m['label']['dtype']}); optimizer: {opt['name']} ({settings})")
     for fix in res.preflight.get("fixes", []):
@@ -165,7 +179,7 @@ def _run_train(args, console) -> int:
                     lr=args.lr, schedule=args.schedule, warmup=args.warmup, seed=args.seed, patience=args.patience,
                     resume=args.resume, label=args.label, out_dir=args.out_dir, fold=args.fold,
                     save_adapter=args.save_adapter, fold_atol=args.fold_atol, curve=not args.no_curve,
-                    progress=progress)
+                    device=args.device, threads=args.threads, progress=progress)
     finally:
         if bar is not None:
             bar.stop()

@@ -109,6 +109,8 @@ def train(
     save_adapter: str | os.PathLike | None = None,
     fold_atol: float = 1e-4,
     curve: bool = True,
+    device: str | None = None,
+    threads: int = 0,
     progress: Callable[[dict], None] | None = None,
 ) -> TrainResult:
     """Train the D/V of ``artifacts_dir`` (from ``generate_artifacts``) on
@@ -121,6 +123,8 @@ def train(
     deployable model (W0 + D (.) V folded in), verified on ONNX Runtime and
     against the trained model's logits (max abs diff <= ``fold_atol``).
     ``curve=False`` skips the PNG (matplotlib takes seconds to import).
+    ``device`` (cpu | cuda) and ``threads`` (intra-op threads, 0 = ORT's
+    default) apply to the default engine (artifacts from the gradient pass).
     ``progress`` receives event dicts (type: start, step, epoch, message)."""
     _check_args(epochs, batch_size, lr, schedule, warmup, patience)
     art = Path(artifacts_dir).absolute()
@@ -142,8 +146,13 @@ def train(
                 resume=bool(resume), label=label, out_dir=str(run),
                 save_adapter=str(Path(save_adapter).absolute()) if save_adapter is not None else None,
                 curve=bool(curve))
-    python = _env.find_training_python()
-    if _env.runs_here(python):
+    from .native import ENGINE
+
+    if load_manifest(art).get("engine") == ENGINE:
+        data_out = train_here(**args, device=device, threads=int(threads), progress=progress)
+    elif device not in (None, "cpu"):
+        raise InputError("--device applies to the default engine; these are ORT training artifacts (CPU)")
+    elif _env.runs_here(python := _env.find_training_python()):
         data_out = train_here(**args, progress=progress)
     else:
         from .worker import call
@@ -399,7 +408,8 @@ class _Trainer:
 
 def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: int, batch_size: int, lr: float | None,
                schedule: str, warmup: int, seed: int, patience: int | None, resume: bool, label: str | None,
-               out_dir: str, save_adapter: str | None, curve: bool = True, progress: Callable[[dict], None] | None = None) -> dict:
+               out_dir: str, save_adapter: str | None, curve: bool = True, device: str | None = None, threads: int = 0,
+               progress: Callable[[dict], None] | None = None) -> dict:
     import numpy as np
 
     from ..reparam import Adapter, trainable_manifest
@@ -437,7 +447,13 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
               "data": data, "eval_data": eval_data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "schedule": schedule, "warmup": warmup, "seed": seed, "patience": patience, "n_train": n_train,
               "n_eval": n_eval}
-    _art_mod, _ob, api = _env.import_ort_training()
+    from .native import ENGINE, NativeTrainer
+
+    native = man.get("engine") == ENGINE
+    if native:
+        tr = NativeTrainer(art, man, device=device, threads=threads)
+    else:
+        _art_mod, _ob, api = _env.import_ort_training()
     loop = {"epoch": 0, "step": 0, "best": None, "best_epoch": None, "bad_epochs": 0, "history": [],
             "stopped_early": False}
     if resume:
@@ -451,8 +467,12 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
         for k in keys:
             if old.get(k) != config[k]:
                 raise InputError(f"--resume: {k} was {old.get(k)} in the run being resumed, now {config[k]}")
-        state = api.CheckpointState.load_checkpoint(str(ck_path))
-        if "beats_epoch" not in state.properties or int(state.properties["beats_epoch"]) != loop["epoch"]:
+        if native:
+            ck_epoch = tr.load(ck_path)
+        else:
+            state = api.CheckpointState.load_checkpoint(str(ck_path))
+            ck_epoch = int(state.properties["beats_epoch"]) if "beats_epoch" in state.properties else None
+        if ck_epoch != loop["epoch"]:
             raise InputError(f"{run}: checkpoint and loop_state.json disagree (an interrupted save?); start again "
                              "without --resume")
         say({"type": "message", "text": f"resuming after epoch {loop['epoch']} (step {loop['step']})"})
@@ -461,10 +481,12 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
         for f in RUN_FILES.values():  # a fresh run: nothing stale from an earlier one
             if (run / f).is_file():
                 (run / f).unlink()
-        state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
+        if not native:
+            state = api.CheckpointState.load_checkpoint(str(art / "checkpoint"))
     loop["config"] = config
-    tr = _Trainer(art, man, state, api)
-    if loop["step"]:
+    if not native:
+        tr = _Trainer(art, man, state, api)
+    if loop["step"] and not native:
         tr.optimizer.set_learning_rate(lr_at(loop["step"] - 1, total_steps, lr, schedule, warmup))
     best_path = run / RUN_FILES["best"]
     t_params = man["trainable"]["params"]
@@ -514,10 +536,13 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
         if patience is not None and loop["bad_epochs"] >= patience and epoch < epochs:
             loop["stopped_early"] = True
         # The checkpoint first (with the epoch as a property), then the loop state.
-        state.properties["beats_epoch"] = epoch
-        tmp_ck = run / f".{RUN_FILES['checkpoint']}.tmp"
-        api.CheckpointState.save_checkpoint(state, str(tmp_ck), include_optimizer_state=True)
-        os.replace(tmp_ck, ck_path)
+        if native:
+            tr.save(ck_path, epoch)
+        else:
+            state.properties["beats_epoch"] = epoch
+            tmp_ck = run / f".{RUN_FILES['checkpoint']}.tmp"
+            api.CheckpointState.save_checkpoint(state, str(tmp_ck), include_optimizer_state=True)
+            os.replace(tmp_ck, ck_path)
         _atomic_json(ls_path, loop)
         say({"type": "epoch", **row, "stopped_early": loop["stopped_early"]})
 

@@ -93,7 +93,8 @@ def plan(graph: gs.Graph, loss: str, wrt: Sequence[str], types: TypeMap | None =
                 g.add_edge(("n", k), ("t", t.name))
     anc = nx.ancestors(g, ("t", loss)) if ("t", loss) in g else set()
     path = [n for k, n in enumerate(graph.nodes)
-            if ("n", k) in anc and any(t.name in live for t in n.inputs if t.name)]
+            if ("n", k) in anc and any(t.name in live for t in n.inputs if t.name)
+            and any(t.name in live for t in n.outputs if t.name)]
     missing: dict[str, list[str]] = {}
     for n in path:
         if rule_for(n) is None:
