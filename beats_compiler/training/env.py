@@ -24,8 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_VENV = REPO_ROOT / ".venv-train"
 
 HOWTO = (
-    "ONNX Runtime training (onnxruntime-training-cpu 1.19.2 with onnx 1.17) is not installed: "
-    f"run ./scripts/setup.sh, or `python -m venv .venv-train && .venv-train/bin/pip install -r "
+    "ONNX Runtime training (onnxruntime-training-cpu 1.19.2 with onnx 1.17, for --format ort only) is not "
+    f"installed: run ./scripts/ort-training-env.sh, or `python -m venv .venv-train && .venv-train/bin/pip install -r "
     f"scripts/train-requirements.txt && .venv-train/bin/pip install --no-deps -e .` in {REPO_ROOT}, "
     f"or set {ENV_VAR} to a Python that has it"
 )

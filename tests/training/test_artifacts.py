@@ -1,9 +1,10 @@
-"""``beats-compile artifacts`` (issue 4): ORT training artifacts for inserted
-models, with D/V the only trainable tensors.
+"""``beats-compile artifacts --format ort``: ONNX Runtime training's on-device
+artifacts for inserted models (the optional export), with D/V the only
+trainable tensors.
 
 In the main environment the command delegates to the training interpreter
-(``.venv-train``); run under ``.venv-train/bin/python -m pytest`` the same
-tests run everything in-process.  The artifacts are loaded back with ORT's
+(``.venv-train``, made on first use by scripts/ort-training-env.sh through the
+``ort_training`` marker's fixture in tests/training/conftest.py).  The artifacts are loaded back with ORT's
 own training API (CheckpointState, Module, Optimizer) in the training
 interpreter."""
 
@@ -24,6 +25,8 @@ from beats_compiler import reparam
 from beats_compiler.cli import main
 from beats_compiler.training import env as tenv
 from passes import reparam as rp
+
+pytestmark = pytest.mark.ort_training
 
 ORT_FILES = ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint")
 
@@ -136,7 +139,7 @@ def inserted_mlp(tmp_path_factory) -> Path:
 def test_artifacts_cli_writes_loadable_ort_artifacts(capsys, inserted_mlp, tmp_path):
     before = inserted_mlp.read_bytes()
     out = tmp_path / "art"
-    proc = ok(run_cli(capsys, "artifacts", inserted_mlp, "-o", out, "--lr", "0.01", "--weight-decay", "0.01",
+    proc = ok(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", out, "--lr", "0.01", "--weight-decay", "0.01",
                       "--betas", "0.9,0.99", "--eps", "1e-7"))
     assert "trainable (D/V)" in proc.stdout and "frozen" in proc.stdout
     assert inserted_mlp.read_bytes() == before  # input untouched
@@ -187,7 +190,7 @@ def test_artifacts_mse_sgd_on_a_conv_model(tmp_path):
     from beats_compiler.training import generate_artifacts
 
     src = insert_file(conv_model(), tmp_path / "cnn.inserted.onnx")
-    res = generate_artifacts(src, tmp_path / "art", loss="mse", optimizer="sgd", lr=0.1)
+    res = generate_artifacts(src, tmp_path / "art", loss="mse", optimizer="sgd", lr=0.1, format="ort")
     m = res.manifest
     assert m["loss"] == "mse" and m["label"] == {"name": "target", "dtype": "float32", "shape": ["N", 2]}
     assert m["optimizer"]["name"] == "sgd" and m["optimizer"]["betas"] is None
@@ -200,16 +203,16 @@ def test_artifacts_mse_sgd_on_a_conv_model(tmp_path):
 def test_not_an_inserted_model_is_bad_input(capsys, tmp_path):
     p = tmp_path / "plain.onnx"
     p.write_bytes(mlp_model().SerializeToString())
-    one_line_error(run_cli(capsys, "artifacts", p, "-o", tmp_path / "art"), 2, "no D/V")
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", p, "-o", tmp_path / "art"), 2, "no D/V")
     assert not (tmp_path / "art").exists()
 
 
 def test_bad_options_are_bad_input(capsys, inserted_mlp, tmp_path):
-    one_line_error(run_cli(capsys, "artifacts", inserted_mlp, "-o", tmp_path / "a", "--output", "nope"), 2, "nope")
-    one_line_error(run_cli(capsys, "artifacts", inserted_mlp, "-o", tmp_path / "a", "--optimizer", "sgd",
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", tmp_path / "a", "--output", "nope"), 2, "nope")
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", tmp_path / "a", "--optimizer", "sgd",
                            "--weight-decay", "0.1"), 2, "weight decay")
-    one_line_error(run_cli(capsys, "artifacts", tmp_path / "missing.onnx", "-o", tmp_path / "a"), 2, "no such file")
-    one_line_error(run_cli(capsys, "artifacts", inserted_mlp, "-o", tmp_path / "no" / "such" / "dir"), 2,
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", tmp_path / "missing.onnx", "-o", tmp_path / "a"), 2, "no such file")
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", tmp_path / "no" / "such" / "dir"), 2,
                    "does not exist")
     assert not (tmp_path / "a").exists()
 
@@ -238,11 +241,11 @@ def test_opset_23_model_is_converted_to_21_before_generating(capsys, tmp_path):
     src = _declared_opset_23(tmp_path)
     before = src.read_bytes()
     if not NEW_ONNX:  # in-process under onnx 1.17: one clear problem, nothing written
-        err = one_line_error(run_cli(capsys, "artifacts", src, "-o", tmp_path / "art"), 2)
+        err = one_line_error(run_cli(capsys, "artifacts", "--format", "ort", src, "-o", tmp_path / "art"), 2)
         assert "23" in err
         assert not (tmp_path / "art").exists()
         return
-    proc = run_cli(capsys, "artifacts", src, "-o", tmp_path / "art")
+    proc = run_cli(capsys, "artifacts", "--format", "ort", src, "-o", tmp_path / "art")
     assert proc.returncode == 0, proc.stderr
     man = json.loads((tmp_path / "art" / "beats_artifacts.json").read_text())
     assert man["versions"]["model_opset"] == 21 and man["versions"]["model_ir_version"] <= 10
@@ -254,7 +257,7 @@ def test_opset_23_model_is_converted_to_21_before_generating(capsys, tmp_path):
 
 def test_opset_23_model_with_an_op_without_gradient_gets_the_report_and_exit_2(capsys, tmp_path):
     src = _declared_opset_23(tmp_path, extra_node="Floor")
-    err = one_line_error(run_cli(capsys, "artifacts", src, "-o", tmp_path / "art"), 2)
+    err = one_line_error(run_cli(capsys, "artifacts", "--format", "ort", src, "-o", tmp_path / "art"), 2)
     if NEW_ONNX:
         assert "Floor" in err and "the_floor" in err and "gradient" in err
     else:
@@ -265,11 +268,11 @@ def test_opset_23_model_with_an_op_without_gradient_gets_the_report_and_exit_2(c
 
 def test_missing_training_env_says_how_to_get_it(capsys, inserted_mlp, tmp_path, monkeypatch):
     monkeypatch.setenv(tenv.ENV_VAR, str(tmp_path / "no-python"))
-    one_line_error(run_cli(capsys, "artifacts", inserted_mlp, "-o", tmp_path / "a"), 2, tenv.ENV_VAR, "setup.sh")
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", tmp_path / "a"), 2, tenv.ENV_VAR, "ort-training-env.sh")
     monkeypatch.delenv(tenv.ENV_VAR)
     monkeypatch.setattr(tenv, "in_training_env", lambda: False)
     monkeypatch.setattr(tenv, "DEFAULT_VENV", tmp_path / "no-venv")
-    err = one_line_error(run_cli(capsys, "artifacts", inserted_mlp, "-o", tmp_path / "a"), 2, "./scripts/setup.sh",
+    err = one_line_error(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", tmp_path / "a"), 2, "./scripts/ort-training-env.sh",
                          "pip install -r scripts/train-requirements.txt", "--no-deps -e .", tenv.ENV_VAR)
     assert "onnxruntime-training-cpu 1.19.2" in err
     assert not (tmp_path / "a").exists()
@@ -290,6 +293,6 @@ def test_a_crashing_worker_is_an_internal_error(capsys, inserted_mlp, tmp_path, 
     fake.write_text("#!/bin/sh\ncat >/dev/null\necho 'Segmentation fault in the gradient builder' >&2\nexit 139\n")
     fake.chmod(0o755)
     monkeypatch.setenv(tenv.ENV_VAR, str(fake))
-    one_line_error(run_cli(capsys, "artifacts", inserted_mlp, "-o", tmp_path / "a"), 3, "internal error",
+    one_line_error(run_cli(capsys, "artifacts", "--format", "ort", inserted_mlp, "-o", tmp_path / "a"), 3, "internal error",
                    "code 139", "Segmentation fault")
     assert not (tmp_path / "a").exists()

@@ -8,10 +8,10 @@ every entry against float64 finite differences.
 from __future__ import annotations
 
 from .base import Rule
-from . import elementwise, linalg, nn, reduce, shape
+from . import elementwise, linalg, nn, norm, reduce, shape
 
 RULES: dict[str, Rule] = {}
-for _family in (elementwise, linalg, nn, reduce, shape):
+for _family in (elementwise, linalg, nn, norm, reduce, shape):
     _dup = RULES.keys() & _family.RULES.keys()
     assert not _dup, f"gradient rules defined twice: {sorted(_dup)}"
     RULES.update(_family.RULES)

@@ -1,8 +1,8 @@
-"""The test suite in the training environment (issue 4: "the test suite runs in
-both environments"): ``.venv-train`` holds onnxruntime-training-cpu 1.19.2 and
-onnx 1.17, where ``beats-compile artifacts|train`` do their work in-process.
-This runs the modules that code path uses there, so the README's one test
-command covers both environments."""
+"""The optional ORT on-device export in its own environment: ``.venv-train``
+(made on first use by scripts/ort-training-env.sh) holds
+onnxruntime-training-cpu 1.19.2 and onnx 1.17, where ``artifacts --format
+ort`` and ``train`` on such artifacts run in-process.  This runs the modules of
+that code path there, so the README's one test command covers it too."""
 
 from __future__ import annotations
 
@@ -15,25 +15,22 @@ import pytest
 
 from beats_compiler.training import env as tenv
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What runs in the training environment: training, the reparameterization it
 # trains, the I/O it reads and writes with, on onnx 1.17 / ORT 1.19.2.
 SUBSET = [
-    "tests/training",
+    "tests/training/test_artifacts.py",
+    "tests/training/test_preflight.py",
     "tests/passes/test_training_legalize.py",
-    "tests/passes/test_reparam.py",
-    "tests/passes/test_reparam_bf16.py",
-    "tests/compiler/test_reparam_cli.py",
-    "tests/compiler/test_io.py",
 ]
 
 
 @pytest.mark.slow
-def test_suite_passes_in_the_training_environment(tmp_path):
+@pytest.mark.ort_training
+def test_ort_export_passes_in_the_training_environment(tmp_path, ort_training_env):
     if tenv.in_training_env():
         pytest.skip("already running in the training environment (these tests run directly here)")
-    python = tenv.DEFAULT_VENV / "bin" / "python"
-    assert python.exists(), f"{python} missing: run ./scripts/setup.sh (it creates the training environment)"
+    python = ort_training_env
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("BEATS_TRAIN_PYTHON", None)
     proc = subprocess.run(
