@@ -25,7 +25,7 @@ fi
 # torchvision's real MobileNetV3 for the training tests: its PyPI wheel is a CUDA
 # build whose C ops cannot load beside the CPU torch, and transformers imports any
 # torchvision it finds, so it goes into a side folder that only
-# tests/torchvision_models.py puts on sys.path (with its C-op registrations stubbed).
+# fixtures/torchvision_models.py puts on sys.path (with its C-op registrations stubbed).
 if [ ! -d .cache/torchvision-0.28.0/torchvision ]; then
   .venv/bin/python -m pip install --quiet --no-deps --target .cache/torchvision-0.28.0 "torchvision==0.28.0"
 fi

@@ -2,7 +2,7 @@
 (opset 17, dynamic batch): ONNX Runtime must match PyTorch and the graph must
 keep the hard activations (HardSwish, HardSigmoid) of MobileNetV3.
 
-Needs the ``exporters`` extra and torchvision 0.28.0 (see tests/torchvision_models.py)."""
+Needs the ``exporters`` extra and torchvision 0.28.0 (see fixtures/torchvision_models.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from .torchvision_models import export_mobilenet_v3_small, mobilenet_v3_small_module
+from fixtures.torchvision_models import export_mobilenet_v3_small, mobilenet_v3_small_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.exporters]
 

@@ -426,6 +426,7 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
+@pytest.mark.ort_training
 def test_real_exports_pass_preflight_and_ort_training_accepts_them(real_inserted, tmp_path):
     jobs = []
     for name, (m, trainable) in real_inserted.items():
@@ -446,7 +447,7 @@ def test_real_exports_pass_preflight_and_ort_training_accepts_them(real_inserted
         jobs.append([str(tmp_path / f"{name}.pre.onnx"), str(tmp_path / f"{name}.trainable.json"), False])
         jobs.append([str(tmp_path / f"{name}.raw.onnx"), str(tmp_path / f"{name}.trainable.json"), True])
     if not TRAIN_PY.is_file():
-        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/setup.sh")
+        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/ort-training-env.sh")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [str(TRAIN_PY), "-c", _GENERATE, json.dumps(jobs)],
@@ -465,11 +466,12 @@ def test_real_exports_pass_preflight_and_ort_training_accepts_them(real_inserted
 
 
 @pytest.mark.slow
+@pytest.mark.ort_training
 def test_real_bert_without_legalization_fails_in_ort_training(real_inserted, tmp_path):
     """The trap the legalization exists for is real: ORT training 1.19.2
     rejects the unlegalized export with the opaque gradient-builder error."""
     if not TRAIN_PY.is_file():
-        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/setup.sh")
+        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/ort-training-env.sh")
     m, trainable = real_inserted["bert"]
     (tmp_path / "t.json").write_text(json.dumps(trainable))
     onnx.save(m, str(tmp_path / "raw.onnx"))
@@ -516,11 +518,12 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.mark.slow
+@pytest.mark.ort_training
 def test_gradient_list_agrees_with_ort_training_wheel():
     """gradients.py against ORT training 1.19.2 itself: one-op models, with
     and without a registered gradient builder."""
     if not TRAIN_PY.is_file():
-        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/setup.sh")
+        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/ort-training-env.sh")
     listed = [
         "Relu",
         "Sigmoid",
