@@ -443,7 +443,10 @@ def load_manifest(art_dir: str | os.PathLike) -> dict:
         raise InputError(f"{p}: not valid JSON ({exc})") from None
     if body.get("format") != FORMAT:
         raise InputError(f"{p}: unsupported format {body.get('format')!r} (this beats-compile reads {FORMAT})")
-    missing = [f for f in (*ORT_FILES, INSERTED) if not (d / f).exists()]
+    from .native import ENGINE, FILES as NATIVE_FILES
+
+    needed = NATIVE_FILES if body.get("engine") == ENGINE else ORT_FILES
+    missing = [f for f in (*needed, INSERTED) if not (d / f).exists()]
     if missing:
         raise InputError(f"{d}: incomplete artifacts folder, missing {', '.join(missing)}")
     return body

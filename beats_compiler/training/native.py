@@ -25,6 +25,7 @@ from ..errors import InputError
 
 ENGINE = "beats"
 TRAIN_MODEL, EVAL_MODEL, WEIGHTS, PARAMS = "train_step.onnx", "eval_model.onnx", "weights.data", "params.npz"
+FILES = (TRAIN_MODEL, EVAL_MODEL, PARAMS)  # weights.data only when a weight is over _INLINE_LIMIT
 CONVERT_TO = 17  # opset an older model is converted to (the gradient pass needs >= 13)
 _INLINE_LIMIT = 1024  # initializers of at most this many bytes stay inside each model
 

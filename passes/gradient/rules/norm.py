@@ -85,12 +85,34 @@ def _inv_count(g, x, axes, stat, dt):
     return g.div(_to(g, g.op("Size", [stat]), dt), _to(g, g.op("Size", [x]), dt))
 
 
+def _ln_stats(g, x, axes, eps):
+    """The forward's statistics, recomputed: mean, istd = 1/sqrt(var + eps), xhat = (x - mean) * istd."""
+    mean = _mean(g, x, axes)
+    xc = g.sub(x, mean)
+    istd = g.op("Reciprocal", [g.op("Sqrt", [g.add(_mean(g, g.mul(xc, xc), axes), eps)])])
+    return mean, istd, g.mul(xc, istd)
+
+
+def _ln_dx_from_y(g, gy, scale, axes, istd, xhat):
+    # y = xhat * scale + b: dx = istd * (gxh - mean(gxh) - xhat * mean(gxh * xhat)), gxh = gy * scale
+    gxh = g.mul(gy, scale)
+    centered = g.sub(gxh, _mean(g, gxh, axes))
+    return g.mul(istd, g.sub(centered, g.mul(xhat, _mean(g, g.mul(gxh, xhat), axes))))
+
+
+def _ln_dx_from_stats(g, gmean, gistd, inv_n, istd, xhat):
+    # Mean = mean(x): d/dx = 1/n;  InvStdDev = (var + eps)^-1/2: d/dx = -istd^2 * xhat / n
+    t = gmean
+    if gistd is not None:
+        u = g.neg(g.mul(g.mul(gistd, g.mul(istd, istd)), xhat))
+        t = u if t is None else g.add(t, u)
+    return g.mul(t, inv_n)
+
+
 def _layer_norm(g, node, gys):
     x, scale = node.inputs[:2]
     bias = node.inputs[2] if _given(node, 2) else None
-    gy = gys[0]
-    gmean = gys[1] if len(gys) > 1 else None
-    gistd = gys[2] if len(gys) > 2 else None
+    gy, gmean, gistd = (list(gys) + [None, None])[:3]
     r = g.rank(x)
     if r is None:
         raise GradientError(f"{_where(node)}: the rank of X is unknown (the normalized axes cannot be told)")
@@ -102,36 +124,24 @@ def _layer_norm(g, node, gys):
         return [None, None, db]
     dt = _ln_dtype(g, node, x)
 
-    def up(t, like):  # into the compute type; ``like`` is the forward tensor whose type ``t`` has
+    def up(t, like):  # into the compute type (``like``: the forward tensor whose type ``t`` has)
         return t if t is None or g.dtype(like) == dt else _to(g, t, dt)
 
     def down(t, like):  # back to the forward tensor's type
         return t if t is None or g.dtype(like) == dt else _to(g, t, g.dtype(like))
 
     eps = g.const(np.asarray(float(node.attrs.get("epsilon", 1e-5)), dt), hint="scalar")
-    xu = up(x, x)
-    mean = _mean(g, xu, axes)
-    xc = g.sub(xu, mean)
-    istd = g.op("Reciprocal", [g.op("Sqrt", [g.add(_mean(g, g.mul(xc, xc), axes), eps)])])
-    xhat = g.mul(xc, istd)
+    mean, istd, xhat = _ln_stats(g, up(x, x), axes, eps)
     gyu = up(gy, node.outputs[0])
     ds = down(g.sum_to(g.mul(gyu, xhat), scale), scale) if need_s else None
     dx = None
     if need_x:
-        parts = []
-        if gy is not None:
-            # y = xhat * scale + b: through the normalization,
-            # dx = istd * (gxh - mean(gxh) - xhat * mean(gxh * xhat)), gxh = gy * scale
-            gxh = g.mul(gyu, up(scale, scale))
-            parts.append(g.mul(istd, g.sub(g.sub(gxh, _mean(g, gxh, axes)), g.mul(xhat, _mean(g, g.mul(gxh, xhat), axes)))))
+        parts = [_ln_dx_from_y(g, gyu, up(scale, scale), axes, istd, xhat) if gy is not None else None]
         if gmean is not None or gistd is not None:
-            # Mean = mean(x): d/dx = 1/n;  InvStdDev = (var + eps)^-1/2: d/dx = -istd^2 * xhat / n
             inv_n = _inv_count(g, x, axes, mean, dt)
-            t = up(gmean, node.outputs[1]) if gmean is not None else None
-            if gistd is not None:
-                u = g.neg(g.mul(g.mul(up(gistd, node.outputs[2]), g.mul(istd, istd)), xhat))
-                t = u if t is None else g.add(t, u)
-            parts.append(g.mul(t, inv_n))
+            gm = up(gmean, node.outputs[1]) if gmean is not None else None
+            gi = up(gistd, node.outputs[2]) if gistd is not None else None
+            parts.append(_ln_dx_from_stats(g, gm, gi, inv_n, istd, xhat))
         dx = down(_sum_parts(g, parts), x)
     return [dx, ds, db]
 
