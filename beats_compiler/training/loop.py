@@ -251,9 +251,12 @@ def _validate(arrays: dict, path: Path, man: dict, label_key: str) -> tuple[dict
         raise InputError(f"{path}: no examples")
     if man["loss"] == "ce":
         y = out[lab["name"]]
+        if man.get("ignore_index") is not None:  # positions that do not count (padding tokens)
+            y = y[y != man["ignore_index"]]
         classes = man.get("classes")
         if y.size and (y.min() < 0 or (classes and y.max() >= classes)):
-            raise InputError(f"{path}: labels must lie in [0, {classes}) for ce, found {int(y.min())}..{int(y.max())}")
+            raise InputError(f"{path}: labels must lie in [0, {classes}) for ce (or be the ignore index "
+                             f"{man.get('ignore_index')}), found {int(y.min())}..{int(y.max())}")
     return out, int(n)
 
 

@@ -265,7 +265,9 @@ class NativeTrainer:
     def _make_buffers(self, values: dict) -> None:
         self.bufs = [{n: self._ortvalue(values[n]) for n in self.persistent},
                      {n: self._ortvalue(np.zeros_like(values[n])) for n in self.persistent}]
-        self.loss_val = self._ortvalue(np.zeros((), np.float32))
+        loss_type = next(o.type for o in self.train_sess.get_outputs() if o.name == "loss")
+        loss_dt = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(loss_type, np.float32)
+        self.loss_val = self._ortvalue(np.zeros((), loss_dt))
         self.cur = 0
         self.bindings = []
         for k in (0, 1):

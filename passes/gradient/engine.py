@@ -80,7 +80,9 @@ def plan(graph: gs.Graph, loss: str, wrt: Sequence[str], types: TypeMap | None =
         slots = _diff_slots(node) if rule_for(node) is not None else range(len(node.inputs))
         if any(node.inputs[i].name in live for i in slots if node.inputs[i].name):
             for o in node.outputs:
-                if o.name and _is_float(types, o):
+                # an op without a rule whose output type is unknown (a custom op) stays on the
+                # path, so the pre-flight names it instead of a later rule failing on it
+                if o.name and (_is_float(types, o) or (rule_for(node) is None and types.dtype(o) is None)):
                     live.add(o.name)
     # Backward: the loss's ancestors on the tensor/node graph.
     g = nx.DiGraph()
