@@ -1,11 +1,12 @@
-"""Training D/V with ONNX Runtime training (issue 4): artifacts, the training
-loop, and the bridge to the training interpreter.
+"""Training D/V: artifacts, the training loop, and the optional ORT on-device export.
 
-ONNX Runtime training's last Python release (onnxruntime-training-cpu 1.19.2,
-pinned with onnx 1.17) lives in its own virtual environment (``.venv-train``).
-``generate_artifacts`` and ``train`` run in-process when the current
-interpreter is that environment, and otherwise delegate to
-``python -m beats_compiler.training.worker`` there.  Nothing here imports
+The default engine (``native``) builds a train-step and an eval model with the
+gradient pass (``passes.gradient``, ``passes.train_step``) and runs them on the
+installed onnxruntime.  ``format="ort"`` writes ONNX Runtime training's
+on-device artifacts instead; that needs onnxruntime-training-cpu 1.19.2 (with
+onnx 1.17) in its own virtual environment (``.venv-train``), where
+``generate_artifacts`` and ``train`` run in-process or are delegated to
+``python -m beats_compiler.training.worker``.  Nothing here imports
 onnxruntime.training at import time.
 """
 

@@ -11,7 +11,8 @@ from ..cli import EXIT_INTERNAL, _human, _one_line, _Parser, _positive_float
 
 COMMANDS = ("artifacts", "train")
 _EPILOG = ("Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error. "
-           "Runs in the ONNX Runtime training environment (.venv-train, or $BEATS_TRAIN_PYTHON).")
+           "The default format runs on the installed onnxruntime; --format ort needs onnxruntime-training "
+           "1.19.2 (.venv-train from scripts/ort-training-env.sh, or $BEATS_TRAIN_PYTHON).")
 
 
 def _betas(text: str) -> tuple[float, float]:

@@ -1,10 +1,11 @@
-"""The training loop over ORT training artifacts, and ``train``.
+"""The training loop, and ``train``: over the default engine's train step
+(``native.NativeTrainer``) or over ORT training artifacts (``--format ort``).
 
 Data: ``.npz`` files mapping each model input name and the label name to an
 array whose first axis is the example.  Each epoch: seeded shuffle, batches,
-the learning rate set on ORT's Optimizer every step (warmup, then constant,
-linear or cosine decay), evaluation, a checkpoint (ORT's CheckpointState with
-the optimizer state, plus ``loop_state.json``), early stop on the monitored
+the learning rate set every step (warmup, then constant, linear or cosine
+decay), evaluation, a checkpoint (parameters and optimizer state: an .npz, or
+ORT's CheckpointState for ORT artifacts, plus ``loop_state.json``), early stop on the monitored
 metric.  At the end: the kept D/V (the best epoch's when there is an eval
 metric) as an adapter, ``metrics.json``, ``curve.png`` and, with ``fold``,
 the deployable model (folded in the calling process and checked against the
