@@ -217,6 +217,31 @@ def _read_model(path: Path):
     return model, bool(ext)
 
 
+def open_inserted(src: Path, out: Path, output: str | None, say: Callable[[dict], None],
+                  read_from: Path | None = None):
+    """The checks every format makes before building: the output folder, the inserted
+    model (read from ``read_from`` when a converted copy stands in for it) with its
+    D/V, and the loss output (default: the first).  Returns (model, external,
+    manifest, output)."""
+    from ..reparam import trainable_manifest
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a folder")
+    if (out / INSERTED).resolve() == src.resolve() or (out / (INSERTED + ".data")).resolve() == src.resolve():
+        raise InputError(f"{src}: refusing to overwrite the input with the artifacts' copy of it; use another -o")
+    say({"type": "message", "text": f"loading {src}"})
+    model, external = _read_model(read_from or src)
+    manifest = trainable_manifest(model)
+    if not manifest["trainable"]:
+        raise InputError(f"{src}: the model has no D/V to train (make it with `beats-compile insert`)")
+    outputs = [o.name for o in model.graph.output]
+    if output is None:
+        output = outputs[0]
+    elif output not in outputs:
+        raise InputError(f"--output {output!r} is not a model output ({', '.join(outputs)})")
+    return model, external, manifest, output
+
+
 def _value_info(model, name: str):
     for vi in list(model.graph.output) + list(model.graph.input) + list(model.graph.value_info):
         if vi.name == name:
@@ -272,30 +297,17 @@ def generate_here(*, inserted_model: str, out_dir: str, loss: str, output: str |
     import onnx
 
     from .. import __version__
-    from ..reparam import trainable_manifest
 
     say = progress or (lambda ev: None)
     _check_options(loss, optimizer, lr, weight_decay, betas, eps)
     artifacts_mod, onnxblock, _api = _env.import_ort_training()  # not a training environment: say so first
     src, out = Path(inserted_model), Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
     if not out.parent.is_dir():
         raise InputError(f"{out}: parent folder {out.parent} does not exist")
-    if (out / INSERTED).resolve() == src.resolve() or (out / (INSERTED + ".data")).resolve() == src.resolve():
-        raise InputError(f"{src}: refusing to overwrite the input with the artifacts' copy of it; use another -o")
-    say({"type": "message", "text": f"loading {src}"})
     # ``legal_model``: the model already converted by the caller's newer onnx (see _preconvert)
-    model, external = _read_model(Path(legal_model) if legal_model else src)
-    manifest = trainable_manifest(model)
+    model, external, manifest, output = open_inserted(src, out, output, say,
+                                                      Path(legal_model) if legal_model else None)
     trainable = manifest["trainable"]
-    if not trainable:
-        raise InputError(f"{src}: the model has no D/V to train (make it with `beats-compile insert`)")
-    outputs = [o.name for o in model.graph.output]
-    if output is None:
-        output = outputs[0]
-    elif output not in outputs:
-        raise InputError(f"--output {output!r} is not a model output ({', '.join(outputs)})")
     out_vi = _value_info(model, output)
     out_dtype = _dtype_name(out_vi.type.tensor_type.elem_type)
     if np.dtype(out_dtype).kind != "f":

@@ -281,6 +281,19 @@ def _load_data(art: Path, man: dict, data, eval_data, label: str | None):
     return train_arrays, n_train, eval_arrays, n_eval
 
 
+def score(loss: str, logits, labels, ignore_index: int | None = None) -> tuple[int, int]:
+    """(correct, counted) predictions of a batch: argmax for ce (positions labelled
+    ``ignore_index`` not counted), sign for bce; (0, 0) for regression losses."""
+    import numpy as np
+
+    if loss == "ce":
+        keep = labels != ignore_index if ignore_index is not None else np.ones(labels.shape, bool)
+        return int(((logits.argmax(-1) == labels) & keep).sum()), int(keep.sum())
+    if loss == "bce":
+        return int(((logits > 0) == (labels > 0.5)).sum()), int(np.prod(logits.shape))
+    return 0, 0
+
+
 def _fmt_shape(shape) -> str:
     return "[" + ", ".join(str(d) if d is not None else "?" for d in shape) + "]"
 
@@ -389,12 +402,8 @@ class _Trainer:
             loss_sum += float(outs[0]) * len(idx)
             seen += len(idx)
             logits = outs[self.out_index[False]]
-            if self.man["loss"] == "ce":
-                correct += int((logits.argmax(-1) == lab[idx]).sum())
-                count += len(idx)
-            elif self.man["loss"] == "bce":
-                correct += int(((logits > 0) == (lab[idx] > 0.5)).sum())
-                count += int(np.prod(logits.shape))
+            c, k = score(self.man["loss"], logits, lab[idx])
+            correct, count = correct + c, count + k
         acc = correct / count if count else None
         return (loss_sum / seen if seen else float("nan")), acc
 
@@ -416,7 +425,7 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
                progress: Callable[[dict], None] | None = None) -> dict:
     import numpy as np
 
-    from ..reparam import Adapter, trainable_manifest
+    from ..reparam import Adapter
     from .artifacts import _read_model
 
     say = progress or (lambda ev: None)

@@ -109,26 +109,12 @@ def generate_native(*, inserted_model: str, out_dir: str, loss: str, output: str
     from passes.train_step import LossSpec, OptimizerSpec, build_train_step
 
     from .. import __version__
-    from ..reparam import trainable_manifest
-    from .artifacts import FORMAT, INSERTED, MANIFEST, _dtype_name, _publish, _read_model, _shape, _tensor_bytes
+    from .artifacts import FORMAT, INSERTED, MANIFEST, _dtype_name, _publish, _shape, _tensor_bytes, open_inserted
 
     say = progress or (lambda ev: None)
     src, out = Path(inserted_model), Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is not a folder")
-    if (out / INSERTED).resolve() == src.resolve():
-        raise InputError(f"{src}: refusing to overwrite the input with the artifacts' copy of it; use another -o")
-    say({"type": "message", "text": f"loading {src}"})
-    model, external = _read_model(src)
-    manifest = trainable_manifest(model)
+    model, external, manifest, output = open_inserted(src, out, output, say)
     trainable = manifest["trainable"]
-    if not trainable:
-        raise InputError(f"{src}: the model has no D/V to train (make it with `beats-compile insert`)")
-    outputs = [o.name for o in model.graph.output]
-    if output is None:
-        output = outputs[0]
-    elif output not in outputs:
-        raise InputError(f"--output {output!r} is not a model output ({', '.join(outputs)})")
     init_names = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in init_names]
     taken = init_names | {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
@@ -301,7 +287,7 @@ class NativeTrainer:
         return [v.numpy() for v in b.get_outputs()]
 
     def evaluate(self, arrays: dict, n: int, batch: int, drop_last: bool) -> tuple[float, float | None]:
-        from .loop import _batches
+        from .loop import _batches, score
 
         loss_sum, seen, correct, count = 0.0, 0, 0, 0
         lab = arrays[self.label]
@@ -311,14 +297,8 @@ class NativeTrainer:
             loss, logits = self._eval_run(feeds)[:2]
             loss_sum += float(loss) * len(idx)
             seen += len(idx)
-            if self.man["loss"] == "ce":
-                y = lab[idx]
-                keep = y != ignore if ignore is not None else np.ones(y.shape, bool)
-                correct += int(((logits.argmax(-1) == y) & keep).sum())
-                count += int(keep.sum())
-            elif self.man["loss"] == "bce":
-                correct += int(((logits > 0) == (lab[idx] > 0.5)).sum())
-                count += int(np.prod(logits.shape))
+            c, k = score(self.man["loss"], logits, lab[idx], ignore)
+            correct, count = correct + c, count + k
         acc = correct / count if count else None
         return (loss_sum / seen if seen else float("nan")), acc
 

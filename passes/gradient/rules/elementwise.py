@@ -232,7 +232,7 @@ def _cast_rule(g, node, gys):
 
 
 def _dropout(g, node, gys):
-    x, y = node.inputs[0], node.outputs[0]
+    x = node.inputs[0]
     gy = gys[0]
     if gy is None:
         return [None]

@@ -134,6 +134,48 @@ def check_gradient(
     return result
 
 
+def ort_check(build: Callable[[int], onnx.ModelProto], feeds, wrt: Sequence[str], *, samples: int | None = 16,
+              eps: float = 1e-6, check_f32: bool = True, seed: int = 1) -> None:
+    """The checks of ``check_gradient`` with ONNX Runtime in float64 instead of onnx's
+    reference evaluator, for forms the latter runs inexactly or not at all: central
+    finite differences at ``samples`` coordinates (None: all) for each of ``feeds``
+    (one mapping or a list), then float32 on ORT against float64 (``check_f32``)."""
+    def session(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    m64 = build(TensorProto.DOUBLE)
+    loss = with_loss(m64, TensorProto.DOUBLE)
+    grad64, names, _ = gradient_model(loss, wrt)
+    fwd, bwd = session(loss), session(grad64)
+    if check_f32:
+        grad32, names32, _ = gradient_model(with_loss(build(TensorProto.FLOAT), TensorProto.FLOAT), wrt)
+        bwd32 = session(grad32)
+    rng = np.random.default_rng(seed)
+    for k, f in enumerate([feeds] if isinstance(feeds, Mapping) else feeds):
+        f = {n: (np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v)) for n, v in f.items()}
+        ys = session(m64).run(None, {i.name: f[i.name] for i in m64.graph.input})
+        f.update({f"{COT}{i}": rng.standard_normal(y.shape) for i, y in enumerate(ys) if y.dtype == np.float64})
+        got = bwd.run(names, f)
+        for w, gw in zip(wrt, got):
+            x = f[w]
+            assert gw.shape == x.shape, f"d/d{w}: gradient shape {gw.shape} != input shape {x.shape}"
+            flat = np.arange(x.size) if samples is None or x.size <= samples else \
+                rng.choice(x.size, samples, replace=False)
+            fd = np.empty(len(flat))
+            for j, idx in enumerate(flat):
+                xp, xm = x.copy(), x.copy()
+                xp.flat[idx] += eps
+                xm.flat[idx] -= eps
+                fd[j] = (float(fwd.run([LOSS], {**f, w: xp})[0]) - float(fwd.run([LOSS], {**f, w: xm})[0])) / (2 * eps)
+            np.testing.assert_allclose(gw.reshape(-1)[flat], fd, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(fd).max()),
+                                       err_msg=f"d loss / d {w} (feeds #{k})")
+        if check_f32:
+            got32 = bwd32.run(names32, {n: (v.astype(np.float32) if v.dtype.kind == "f" else v) for n, v in f.items()})
+            for w, gw, g32 in zip(wrt, got, got32):
+                err = np.abs(g32 - gw).max() / max(1e-6, np.abs(gw).max()) if gw.size else 0.0
+                assert err <= 2e-3, f"ORT float32 d/d{w} differs from float64 by {err:.3g} relative (feeds #{k})"
+
+
 def vi(name: str, elem: int, shape) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, shape)
 

@@ -20,7 +20,7 @@ from onnx.reference.op_run import OpRun
 from passes.gradient import GradientError
 
 from . import harness
-from .harness import COT, LOSS, check_gradient, gradient_model, model, one_op, vi, with_loss
+from .harness import check_gradient, model, one_op, ort_check, vi
 
 R = np.random.default_rng(0)
 
@@ -237,39 +237,6 @@ def test_average_pool_same_symbolic_refused():
 ])
 def test_global_average_pool(xdecl, sizes):
     check_op("GlobalAveragePool", xdecl, sizes)
-
-
-def ort_check(build, feeds, wrt, samples=16, eps=1e-6):
-    """The harness's checks on ONNX Runtime: float64 finite differences at each feeds, then
-    float32 against float64 (onnx's reference MaxPool returns wrong Indices for some forms,
-    e.g. a 2x2 kernel at stride 1; ONNX Runtime runs MaxPool in float64)."""
-    def session(m):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    m64 = build(TensorProto.DOUBLE)
-    loss = with_loss(m64, TensorProto.DOUBLE)
-    grad64, names, _ = gradient_model(loss, wrt)
-    grad32, names32, _ = gradient_model(with_loss(build(TensorProto.FLOAT), TensorProto.FLOAT), wrt)
-    fwd, bwd, bwd32 = session(loss), session(grad64), session(grad32)
-    rng = np.random.default_rng(1)
-    for k, f in enumerate(feeds):
-        ys = session(m64).run(None, f)
-        f = {**f, **{f"{COT}{i}": rng.standard_normal(y.shape) for i, y in enumerate(ys) if y.dtype == np.float64}}
-        got, got32 = bwd.run(names, f), bwd32.run(names32, {n: v.astype(np.float32) for n, v in f.items()})
-        for w, gw, g32 in zip(wrt, got, got32):
-            x = f[w]
-            assert gw.shape == x.shape
-            flat = rng.choice(x.size, min(samples, x.size), replace=False)
-            fd = []
-            for j in flat:
-                xp, xm = x.copy(), x.copy()
-                xp.flat[j] += eps
-                xm.flat[j] -= eps
-                fd.append((fwd.run([LOSS], {**f, w: xp})[0] - fwd.run([LOSS], {**f, w: xm})[0]) / (2 * eps))
-            np.testing.assert_allclose(gw.reshape(-1)[flat], fd, rtol=1e-5, atol=1e-5 * max(1, np.abs(fd).max()),
-                                       err_msg=f"d loss / d {w} (feeds #{k})")
-            err = np.abs(g32 - gw).max() / max(1e-6, np.abs(gw).max())
-            assert err <= 2e-3, f"ORT float32 d/d{w} differs from float64 by {err:.3g} relative (feeds #{k})"
 
 
 @pytest.mark.parametrize("xdecl,sizes,attrs,opset", [

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
 from passes.gradient import GradientError
 
-from .harness import LOSS, check_gradient, gradient_model, model, one_op, vi, with_loss
+from .harness import check_gradient, model, one_op, ort_check, vi
 
 R = np.random.default_rng(0)
 
@@ -22,31 +21,6 @@ def i64(*v):
     return np.asarray(v, np.int64)
 
 
-def ort_check(build, feeds, wrt, eps=1e-6):
-    """float64 finite differences on ONNX Runtime, for graphs the reference evaluator cannot run."""
-    def session(m):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-
-    m64 = build(TensorProto.DOUBLE)
-    loss = with_loss(m64, TensorProto.DOUBLE)
-    grad, names, _ = gradient_model(loss, wrt)
-    f = {k: np.asarray(v, np.float64) if np.asarray(v).dtype.kind == "f" else np.asarray(v) for k, v in feeds.items()}
-    ys = session(m64).run(None, {i.name: f[i.name] for i in m64.graph.input})
-    rng = np.random.default_rng(3)
-    f.update({f"cot__{k}": rng.standard_normal(np.shape(y)) for k, y in enumerate(ys)})
-    fwd = session(loss)
-    for w, gw in zip(wrt, session(grad).run(names, f)):
-        assert gw.shape == f[w].shape
-        fd = np.empty(f[w].size)
-        for j in range(f[w].size):
-            xp, xm = f[w].copy(), f[w].copy()
-            xp.flat[j] += eps
-            xm.flat[j] -= eps
-            fd[j] = (float(fwd.run([LOSS], {**f, w: xp})[0]) - float(fwd.run([LOSS], {**f, w: xm})[0])) / (2 * eps)
-        np.testing.assert_allclose(gw.reshape(-1), fd, rtol=1e-5, atol=1e-6, err_msg=f"d loss / d {w}")
-
-
-# ---------------------------------------------------------------- reshape-like
 @pytest.mark.parametrize("shape,target,allowzero,opset", [
     ((2, 3, 4), (6, 4), None, 13),
     ((2, 3, 4), (0, -1), None, 13),       # 0 copies the input dim
@@ -322,7 +296,7 @@ def test_gather_elements_smaller_index_ort(opset):
         node = helper.make_node("GatherElements", ["x", "i"], ["y"], axis=1)
         ins = [vi("x", elem, ["B", 4]), vi("i", TensorProto.INT64, ["C", 2])]
         return model([node], ins, [vi("y", elem, None)], opset=opset)
-    ort_check(build, {"x": rnd(3, 4), "i": np.asarray([[0, 3], [-2, 2]], np.int64)}, ["x"])
+    ort_check(build, {"x": rnd(3, 4), "i": np.asarray([[0, 3], [-2, 2]], np.int64)}, ["x"], samples=None)
 
 
 # ---------------------------------------------------------------- expand / tile
@@ -401,7 +375,7 @@ def test_pad_negative_ort(pads, axes, opset):
     consts = {"p": i64(*pads)} | ({"ax": i64(*axes)} if axes else {})
     order = ["x", "p", "v"] + (["ax"] if axes else [])
     build = one_op("Pad", [("x", (3, 4, 5)), ("v", ())], consts=consts, order=order, opset=opset)
-    ort_check(build, {"x": rnd(3, 4, 5), "v": rnd()}, ["x", "v"])
+    ort_check(build, {"x": rnd(3, 4, 5), "v": rnd()}, ["x", "v"], samples=None)
 
 
 def test_pad_negative_runtime_ort():
@@ -410,8 +384,8 @@ def test_pad_negative_runtime_ort():
         inits = [helper.make_tensor("ax", TensorProto.INT64, [2], [-1, 0])]
         ins = [vi("x", elem, ["B", "S"]), vi("p", TensorProto.INT64, [4]), vi("v", elem, [])]
         return model([node], ins, [vi("y", elem, None)], opset=18, initializers=inits)
-    ort_check(build, {"x": rnd(3, 5), "p": i64(-1, 2, 2, -1), "v": rnd()}, ["x", "v"])
-    ort_check(build, {"x": rnd(4, 2), "p": i64(1, 0, -1, 0), "v": rnd()}, ["x", "v"])
+    ort_check(build, {"x": rnd(3, 5), "p": i64(-1, 2, 2, -1), "v": rnd()}, ["x", "v"], samples=None)
+    ort_check(build, {"x": rnd(4, 2), "p": i64(1, 0, -1, 0), "v": rnd()}, ["x", "v"], samples=None)
 
 
 @pytest.mark.parametrize("mode,opset", [("edge", 17), ("reflect", 17), ("wrap", 19)])
