@@ -201,7 +201,7 @@ def _run_train(args, console) -> int:
                       + (f", eval accuracy {ie['eval_accuracy']:.4f}" if ie.get("eval_accuracy") is not None else ""))
     console.print(f"trainable parameters: {m['trainable_params']:,} (frozen {m['frozen_params']:,}); kept: {m['kept']}"
                   + ("; stopped early" if m["stopped_early"] else ""))
-    console.print(f"wrote {res.adapter} ({_human(m['sizes']['adapter_bytes'])}; the ORT checkpoint is "
+    console.print(f"wrote {res.adapter} ({_human(m['sizes']['adapter_bytes'])}; checkpoint "
                   f"{_human(m['sizes']['checkpoint_bytes'])}), {res.metrics_path}" + (f", {res.curve}" if res.curve else ""))
     if res.folded:
         console.print(f"[green]wrote {res.folded}[/]: folded model, {res.folded_node_count} nodes "
