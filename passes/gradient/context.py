@@ -155,7 +155,12 @@ class GradContext:
         return self.op("Neg", [a])
 
     def cast_like(self, a, like):
-        return self.op("CastLike", [a, like])
+        """``a`` cast to the forward tensor ``like``'s element type (CastLike exists from opset 15)."""
+        if self.opset >= 15:
+            return self.op("CastLike", [a, like])
+        from onnx import helper
+
+        return self.op("Cast", [a], {"to": int(helper.np_dtype_to_tensor_dtype(self.dtype(like)))})
 
     def transpose(self, a, perm: Sequence[int]):
         return self.op("Transpose", [a], {"perm": [int(p) for p in perm]})

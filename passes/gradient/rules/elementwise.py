@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from onnx import helper
 
 from ..context import GradientError
 from .base import Rule
@@ -58,10 +57,7 @@ def _sum(g, node, gys):
 
 # ---------------------------------------------------------------- helpers
 def _cast(g, a, like):
-    """``a`` cast to the forward tensor ``like``'s element type (CastLike from opset 15, else Cast)."""
-    if g.opset >= 15:
-        return g.cast_like(a, like)
-    return g.op("Cast", [a], {"to": int(helper.np_dtype_to_tensor_dtype(g.dtype(like)))})
+    return g.cast_like(a, like)
 
 
 def _given(node, i):

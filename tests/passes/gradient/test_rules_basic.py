@@ -62,3 +62,34 @@ def test_gemm(ta, tb, alpha, beta, cshape):
     if cshape:
         feeds["c"] = rnd(*cshape)
     check_gradient(one_op("Gemm", inputs, transA=ta, transB=tb, alpha=alpha, beta=beta), feeds, list(feeds))
+
+
+# ---------------------------------------------------------------- reductions
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+@pytest.mark.parametrize("axes,keepdims", [([1], 1), ([1], 0), ([-1, 0], 0), ([0, 2], 1), (None, 0), (None, 1)])
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reduce(op, axes, keepdims, opset):
+    # ReduceSum takes axes as an input from opset 13, ReduceMean from 18 (an attribute before)
+    as_input = op == "ReduceSum" or opset >= 18
+    consts = {"axes": np.asarray(axes, np.int64)} if axes is not None and as_input else {}
+    attrs = {"axes": axes} if axes is not None and not as_input else {}
+    build = one_op(op, [("x", ("B", 3, "S"))], consts=consts, opset=opset, keepdims=keepdims, **attrs)
+    check_gradient(build, {"x": rnd(2, 3, 4)}, ["x"], more_feeds=[{"x": rnd(1, 3, 5)}])
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+def test_reduce_noop_with_empty_axes(op):
+    build = one_op(op, [("x", (2, 3))], opset=18, keepdims=0, noop_with_empty_axes=1)
+    check_gradient(build, {"x": rnd(2, 3)}, ["x"])
+
+
+def test_every_rule_has_a_test():
+    """Each op of the rule table is exercised by name in a test of this folder."""
+    import re
+    from pathlib import Path
+
+    from passes.gradient import RULES
+
+    src = "".join(p.read_text() for p in Path(__file__).parent.glob("test_*.py"))
+    untested = [op for op in RULES if not re.search(rf"[\"']{op}[\"']", src)]
+    assert not untested, f"gradient rules without a test: {untested}"
