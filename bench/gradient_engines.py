@@ -1,12 +1,16 @@
-"""Measure two ONNX reverse-mode autodiff libraries on beats-compile's model families.
+"""Measure ONNX reverse-mode autodiff engines on beats-compile's model families.
 
     PY=/path/to/python-with-onnx_ad-and-onnxsim
     $PY bench/gradient_engines.py WORK [--project-python .venv/bin/python] [--models minilm,cnn,mnv3]
+        [--engines onnx-ad,onnxsim,beats]
 
-Libraries: ``onnx_ad.reverse`` (onnx-ad 0.3.0) and ``onnxsim.graph_grad.build_backward``
-(onnxsim 0.8.1).  Models (built with the project's own scripts through
-``--project-python``, which needs torch/transformers; this interpreter only needs onnx,
-onnxruntime, numpy, onnx-ad and onnxsim):
+Engines: ``onnx_ad.reverse`` (onnx-ad 0.3.0), ``onnxsim.graph_grad.build_backward``
+(onnxsim 0.8.1) and ``beats``, this repository's gradient pass (``passes.gradient.build_gradient``
+on the ``passes.convert.to_graph`` graph, as ``tests/passes/gradient/harness.py`` uses it).
+Models (built with the project's own scripts through ``--project-python``, which needs
+torch/transformers; this interpreter only needs onnx, onnxruntime, numpy, onnx-ad and
+onnxsim, plus the project's own dependencies -- onnx-graphsurgeon, networkx -- for ``beats``;
+e.g. ``PYTHONPATH=/tmp/adpkg .venv/bin/python`` with onnx-ad installed into /tmp/adpkg):
 
 * ``minilm``: ``python -m fixtures.training_sets WORK --task minilm`` + ``beats-compile insert``
 * ``cnn``:    the same with ``--task cnn``
@@ -22,7 +26,8 @@ a) ops on the trainables->loss path without a rule (and the error text of the at
    ``EXTRA_ONNXSIM_RULES`` below) so the other columns can still be measured;
 b) exactness against central finite differences of the float64-cast forward model, on random
    coordinates and one random direction (and, for mnv3, dL/dimage against torch autograd
-   in float64);
+   in float64); for the engines that can differentiate the float64-cast model (onnx-ad,
+   beats) also that float64 derivative model;
 c) nodes added, op histogram;
 d) ORT CPU forward+backward step time (2 threads, median of 20, batch 16, MiniLM seq 32);
 e) whether batch/seq stay symbolic, and a run + directional check at a second shape;
@@ -222,6 +227,7 @@ EXTRA_ONNXSIM_RULES = {"LogSoftmax": _rule_logsoftmax, "GatherElements": _rule_g
 # --------------------------------------------------------------------------- engines
 class Engine:
     name = ""
+    float64 = False  # can differentiate the float64-cast model (the "f64" column)
 
     def rules(self) -> set[str]:
         raise NotImplementedError
@@ -230,12 +236,13 @@ class Engine:
         """-> (model with outputs loss + one gradient per ``wrt``, {wrt: output name})"""
         raise NotImplementedError
 
-    def feeds_extra(self) -> dict:
+    def feeds_extra(self, dtype=np.float32) -> dict:
         return {}
 
 
 class OnnxAD(Engine):
     name = "onnx-ad 0.3.0"
+    float64 = True
 
     def rules(self):
         from onnx_ad import rules
@@ -246,8 +253,8 @@ class OnnxAD(Engine):
         out = onnx_ad.reverse(model, inputs=list(wrt), outputs=["loss"], layout="onnx")
         return out, {w: "adj_" + w for w in wrt}
 
-    def feeds_extra(self):
-        return {"adj_loss": np.ones([1], np.float32)}
+    def feeds_extra(self, dtype=np.float32):
+        return {"adj_loss": np.ones([1], dtype)}
 
 
 class OnnxsimGraphGrad(Engine):
@@ -302,6 +309,34 @@ class OnnxsimGraphGrad(Engine):
                 out.opset_import.append(helper.make_opsetid(dom, 1))
             out = onnx.inliner.inline_local_functions(out)
         return out, names
+
+
+class BeatsGradient(Engine):
+    """This repository's gradient pass, used as ``tests/passes/gradient/harness.py`` does."""
+
+    name = "beats (passes/gradient)"
+    float64 = True
+
+    def __init__(self):
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from passes import convert, gradient
+        self.convert, self.gradient = convert, gradient
+
+    def rules(self):
+        return set(self.gradient.RULES)
+
+    def build(self, model, wrt):
+        graph, env = self.convert.to_graph(model)
+        res = self.gradient.build_gradient(graph, "loss", list(wrt))
+        tensors = graph.tensors()
+        names = {}
+        for w in wrt:
+            t = res.grads[w]
+            t.dtype, t.shape = tensors[w].dtype, tensors[w].shape
+            graph.outputs.append(t)
+            names[w] = t.name
+        return self.convert.to_model(graph, env), names
 
 
 # --------------------------------------------------------------------------- running
@@ -587,8 +622,8 @@ def measure(name, work, engine, py, report):
                 row["torch_dx_err"] = float(np.abs(dx - ref).max() / np.abs(ref).max())
             except Exception as e:  # noqa: BLE001
                 row["torch_error"] = one_line(e)
-    # float64 derivative model (onnx-ad only: onnxsim's GraphBuilder emits float32 constants)
-    if isinstance(engine, OnnxAD):
+    # float64 derivative model (not onnxsim: its GraphBuilder emits float32 constants)
+    if engine.float64:
         try:
             b64, n64 = engine.build(to_double(model), wrt)
             try:
@@ -596,7 +631,7 @@ def measure(name, work, engine, py, report):
             except Exception as e:  # noqa: BLE001
                 sess64, row["rt64"] = reference(b64), "onnx.reference (ORT: %s)" % one_line(e)[:100]
             f64 = {k: (v.astype(np.float64) if v.dtype == np.float32 else v) for k, v in {**feeds, **theta}.items()}
-            out = sess64.run(list(n64.values()), {**f64, "adj_loss": np.ones([1])})
+            out = sess64.run(list(n64.values()), {**f64, **engine.feeds_extra(np.float64)})
             g64 = {w: np.asarray(o).reshape(theta[w].shape) for w, o in zip(n64, out)}
             row["coord_err64"], row["coords64"], row["dir64"] = exactness(
                 fwd64, g64, theta, feeds, np.random.default_rng(SEED))
@@ -653,12 +688,12 @@ def main() -> int:
     ap.add_argument("work", type=Path)
     ap.add_argument("--project-python", default=str(ROOT / ".venv" / "bin" / "python"))
     ap.add_argument("--models", default="minilm,cnn,mnv3")
-    ap.add_argument("--engines", default="onnx-ad,onnxsim")
+    ap.add_argument("--engines", default="onnx-ad,onnxsim,beats")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     names = args.models.split(",")
     build_models(args.work, args.project_python, names)
-    engines = {"onnx-ad": OnnxAD, "onnxsim": OnnxsimGraphGrad}
+    engines = {"onnx-ad": OnnxAD, "onnxsim": OnnxsimGraphGrad, "beats": BeatsGradient}
     report, rows = {}, []
     for name in names:
         for e in args.engines.split(","):
@@ -667,10 +702,19 @@ def main() -> int:
             row["total_s"] = time.perf_counter() - t
             rows.append(row)
             print("# done", name, e, "%.0fs" % row["total_s"], file=sys.stderr, flush=True)
-    import onnx_ad
-    print("python %s, onnx %s, onnxruntime %s, numpy %s, onnx-ad %s; %s, %d CPUs, loadavg %s" % (
+    try:
+        import onnx_ad
+        ad_version = onnx_ad.__version__
+    except ImportError:
+        ad_version = "not installed"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+    except OSError:
+        head = "?"
+    print("python %s, onnx %s, onnxruntime %s, numpy %s, onnx-ad %s, beats-compile %s; %s, %d CPUs, loadavg %s" % (
         platform.python_version(), onnx.__version__, ort.__version__, np.__version__,
-        onnx_ad.__version__, platform.machine(), os.cpu_count(), open("/proc/loadavg").read().strip()))
+        ad_version, head, platform.machine(), os.cpu_count(), open("/proc/loadavg").read().strip()))
     print()
     print(table(rows))
     if args.json:
