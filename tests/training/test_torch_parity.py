@@ -325,7 +325,7 @@ def test_cnn_gradients_match_torch(capsys, tmp_path, cnn, policy):
 
 
 def test_mobilenet_v3_small_gradients_match_torch(capsys, tmp_path):
-    from tests.torchvision_models import export_mobilenet_v3_small, mobilenet_v3_small_module
+    from fixtures.torchvision_models import export_mobilenet_v3_small, mobilenet_v3_small_module
 
     size = 64  # down to 2x2 at the last blocks: every pooling still averages several positions
     module = mobilenet_v3_small_module(seed=0, num_classes=4)
