@@ -173,3 +173,46 @@ def test_lr_schedules():
     assert lr_at(0, 10, 1.0, "cosine", 0) == 1.0 and lr_at(5, 10, 1.0, "cosine", 0) == pytest.approx(0.5)
     assert lr_at(10, 10, 1.0, "cosine", 0) == pytest.approx(0.0, abs=1e-12)
     assert all(math.isfinite(lr_at(s, 1, 1e-3, "cosine", 5)) for s in range(8))
+
+
+def token_model(vocab: int = 12, dim: int = 8, classes: int = 3) -> onnx.ModelProto:
+    """Token classifier: Gather(embedding, ids) [B, S, dim] -> MatMul -> logits [B, S, classes]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((r.standard_normal((vocab, dim)) * 0.5).astype(np.float32), "E"),
+             numpy_helper.from_array((r.standard_normal((dim, classes)) * 0.1).astype(np.float32), "W")]
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["logits"])]
+    g = helper.make_graph(nodes, "tok", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", classes])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_token_classifier_with_ignored_padding_trains(tmp_path):
+    """Token-level cross-entropy ([B, S, C] logits, [B, S] labels, -100 on padding) through
+    artifacts and train: padding neither counts in the loss nor in the accuracy."""
+    src = insert_file(token_model(), tmp_path / "tok.inserted.onnx", ops=("MatMul",))
+    generate_artifacts(src, tmp_path / "art", loss="ce", lr=0.05)
+    r = np.random.default_rng(7)
+
+    def data(n):
+        ids = r.integers(0, 12, (n, 6))
+        labels = (ids % 3).astype(np.int64)  # the class is a function of the token
+        pad = r.random((n, 6)) < 0.3
+        labels[pad] = -100
+        return {"ids": ids.astype(np.int64), "labels": labels}
+
+    tr, ev = save_npz(tmp_path / "t.npz", data(96)), save_npz(tmp_path / "e.npz", data(48))
+    res = train(tmp_path / "art", tr, eval_data=ev, epochs=6, batch_size=16, fold=tmp_path / "tok.onnx", curve=False)
+    h = res.history
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert h[-1]["eval_accuracy"] >= 0.9 > res.metrics["initial_eval"]["eval_accuracy"]
+    assert res.fold_max_abs_diff <= 1e-4
+    # The accuracy counted only the labelled tokens: recompute it on the folded model.
+    e = dict(np.load(ev))
+    sess = ort.InferenceSession(str(tmp_path / "tok.onnx"), providers=["CPUExecutionProvider"])
+    pred = sess.run(["logits"], {"ids": e["ids"]})[0].argmax(-1)
+    keep = e["labels"] != -100
+    assert abs(float((pred == e["labels"])[keep].mean()) - res.metrics["best"]) < 1e-9
