@@ -245,7 +245,12 @@ def quantize_qdq(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]], *, 
     try:
         with _quiet_python():
             src = Path(tmp) / "fp32.onnx"
-            onnx.save_model(model, src)
+            # onnxruntime's QNN preprocessing fails on any metadata_props ("cannot convert
+            # dictionary update sequence element #0"): quantize without, put them back after
+            bare = onnx.ModelProto()
+            bare.CopyFrom(model)
+            del bare.metadata_props[:]
+            onnx.save_model(bare, src)
             pre = Path(tmp) / "pre.onnx"
             changed = qnn_preprocess_model(str(src), str(pre))
             use = pre if changed else src
@@ -258,6 +263,8 @@ def quantize_qdq(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]], *, 
             out = Path(tmp) / "qdq.onnx"
             quantize(str(use), str(out), cfg)
         q = onnx.load_model(out)
+        del q.metadata_props[:]
+        q.metadata_props.extend(model.metadata_props)
     except InputError:
         raise
     except Exception as exc:

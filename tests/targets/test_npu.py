@@ -145,3 +145,17 @@ def test_missing_the_cosine_bar_names_the_precision_that_would_help():
     r = bc.compile(classifier(), "npu", calib=calib, min_cosine=0.9999999)
     assert r.report.verified is False
     assert any("< 0.9999999" in w and "--activation-type uint16 --per-channel" in w for w in r.report.warnings)
+
+
+def test_models_with_metadata_props_quantize_and_keep_them(files, tmp_path):
+    """onnxruntime's QNN preprocessing fails on any metadata_props (every model `insert`
+    writes has them, and the bundled fixture): quantized without, given back after."""
+    from onnx import helper
+
+    m = classifier()
+    helper.set_model_props(m, {"source": "a test", "beats.reparam": '{"version": 1}'})
+    src, out = tmp_path / "meta.onnx", tmp_path / "meta.npu.onnx"
+    onnx.save(m, src)
+    assert main([str(src), "--target", "npu", "--calib", str(files / "calib.npz"), "-o", str(out), "-q"]) == 0
+    assert {p.key: p.value for p in onnx.load(out).metadata_props} == {"source": "a test",
+                                                                       "beats.reparam": '{"version": 1}'}
