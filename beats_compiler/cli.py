@@ -137,7 +137,7 @@ def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
     if cmd == "insert":
         p = _Parser(prog="beats-compile insert", epilog=epilog,
                     description="Reparameterize selected weights as W0 + D (.) V (V = 0: the function is unchanged). "
-                                "Also writes trainable.json beside the output.")
+                                "Also writes <OUT stem>.trainable.json beside the output.")
         _common(p, "<stem>.inserted.onnx")
         p.add_argument("--ops", default=None, metavar="OP,OP",
                        help="consumer op types whose weights are selected (default MatMul,Gemm,Conv,ConvTranspose)")
@@ -452,7 +452,7 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
     if cmd == "insert":
         policy = _policy(args)
         loaded, out, report_path, external, inputs = _prepare(args, ".inserted.onnx")
-        manifest = out.with_name("trainable.json")
+        manifest = reparam.manifest_path(out)
         check_output_path(loaded, manifest, external_data=False)
         with _Status(console, args.quiet) as progress:
             kw = {k: v for k, v in common.items() if v is not None}

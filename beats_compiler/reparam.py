@@ -54,8 +54,16 @@ def _bad(exc: rp.ReparamError) -> InputError:
     return InputError(str(exc))
 
 
+def manifest_path(out: Path) -> Path:
+    """Where ``insert`` writes the trainable manifest: beside ``out``, named after it
+    (``m.inserted.onnx`` -> ``m.inserted.trainable.json``), so two inserts into one
+    folder never overwrite each other's."""
+    stem = out.name[:-5] if out.name.endswith(".onnx") else out.name
+    return out.with_name(stem + ".trainable.json")
+
+
 def trainable_manifest(model: onnx.ModelProto) -> dict:
-    """``trainable.json``: the trainable (D, V, A, B) and frozen initializer names."""
+    """``<out>.trainable.json``: the trainable (D, V, A, B) and frozen initializer names."""
     records = _get_records(model)
     trainable = [n for r in records for n in r.trainable]
     tset = set(trainable)

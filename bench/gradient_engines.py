@@ -17,7 +17,7 @@ e.g. ``PYTHONPATH=/tmp/adpkg .venv/bin/python`` with onnx-ad installed into /tmp
 * ``mnv3``:   ``tests/targets/vision_models.mobilenet_v3_small(num_classes=4)`` at 64x64,
   exported with ``vision_models.export`` and inserted with the cnn policy.
 
-For each inserted model the trainable initializers (``trainable.json``) become graph
+For each inserted model the trainable initializers (``inserted.trainable.json``) become graph
 inputs and a scalar loss is appended: ``loss = -ReduceMean(GatherElements(LogSoftmax(logits),
 labels))`` (cross-entropy, int64 ``labels[batch]``).  Then per library:
 
@@ -93,7 +93,7 @@ def training_model(path: Path, reduction: str = "mean", static: dict | None = No
     ``reduction``: "mean" (ReduceMean over the batch) or "sumdiv" (ReduceSum divided by the
     batch size read at run time).  ``static``: {dim_param: size} to pin symbolic input dims."""
     model = onnx.load(str(path))
-    trainable = json.loads((path.parent / "trainable.json").read_text())["trainable"]
+    trainable = json.loads(path.with_name(path.name[:-5] + ".trainable.json").read_text())["trainable"]
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     keep = [t for t in g.initializer if t.name not in set(trainable)]

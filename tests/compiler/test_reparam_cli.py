@@ -1,5 +1,5 @@
 """``beats-compile insert|fold|unfold`` as a user runs them (issue 3): exit
-codes, the files written (model, trainable.json, report, adapter), one-line
+codes, the files written (model, <out>.trainable.json, report, adapter), one-line
 errors, and the input left untouched.
 
 The main flows run the installed console script in a child process; the
@@ -78,11 +78,11 @@ def test_insert_writes_model_manifest_and_report(base, tmp_path):
     out.parent.mkdir()
     proc = ok(cli("insert", base, "-o", out, "--report", rep, "--factorization", "vector"))
     assert sha(base) == digest, "the input changed"
-    assert listing(out.parent) == ["m.onnx", "trainable.json"]
+    assert listing(out.parent) == ["m.onnx", "m.trainable.json"]
     assert "trainable parameters: 4,712" in proc.stdout and "verified" in proc.stdout
     model = onnx.load(out)
     assert_same_on_ort(onnx.load(base), model, FEEDS, rtol=0, atol=1e-6)
-    manifest = json.loads((out.parent / "trainable.json").read_text())
+    manifest = json.loads((out.parent / "m.trainable.json").read_text())
     inits = [t.name for t in model.graph.initializer]
     assert sorted(manifest["trainable"] + manifest["frozen"]) == sorted(inits)
     assert not set(manifest["trainable"]) & set(manifest["frozen"])
@@ -101,7 +101,7 @@ def test_insert_writes_model_manifest_and_report(base, tmp_path):
 
 def test_insert_default_output_and_selection_flags(base, tmp_path, capsys):
     ok(cli("insert", base, "--factorization", "rank:4", "--layout", "branch", "--include", "head.*", "-q"))
-    assert listing(tmp_path) == ["base.inserted.onnx", "base.onnx", "trainable.json"]
+    assert listing(tmp_path) == ["base.inserted.onnx", "base.inserted.trainable.json", "base.onnx"]
     model = onnx.load(tmp_path / "base.inserted.onnx")
     assert [(r.weight, r.factorization, r.rank, r.layout) for r in records(model)] == [("head.weight", "rank", 4, "branch")]
     # exclude and min-size
@@ -259,3 +259,14 @@ def test_subcommand_help(capsys):
     for cmd, flag in (("insert", "--factorization"), ("fold", "--save-adapter"), ("unfold", "--adapter")):
         proc = ok(run_main(capsys, cmd, "--help"))
         assert f"beats-compile {cmd}" in proc.stdout and flag in proc.stdout
+
+
+def test_two_inserts_into_one_folder_keep_their_own_manifests(base, tmp_path):
+    """Each insert writes <OUT stem>.trainable.json: a second output in the folder
+    never overwrites the first one's manifest."""
+    ok(cli("insert", base, "-o", tmp_path / "a.onnx", "--factorization", "vector", "-q"))
+    ok(cli("insert", base, "-o", tmp_path / "b.onnx", "--factorization", "rank:4", "-q"))
+    a = json.loads((tmp_path / "a.trainable.json").read_text())
+    b = json.loads((tmp_path / "b.trainable.json").read_text())
+    assert {w["factorization"] for w in a["weights"]} == {"vector"}
+    assert {w["factorization"] for w in b["weights"]} == {"rank"}

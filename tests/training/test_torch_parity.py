@@ -42,7 +42,7 @@ import onnxruntime as ort
 import pytest
 
 from beats_compiler.cli import main
-from beats_compiler.reparam import trainable_manifest
+from beats_compiler.reparam import manifest_path, trainable_manifest
 from fixtures import training_sets as ts
 from passes import reparam as rp
 from passes.convert import to_graph, to_model
@@ -69,7 +69,7 @@ def _insert(capsys, model: Path, policy: dict, out: Path) -> onnx.ModelProto:
     o, e = capsys.readouterr()
     assert code == 0, (code, o[-2000:], e[-2000:])
     m = onnx.load(str(out))
-    assert json.loads((out.parent / "trainable.json").read_text()) == trainable_manifest(m)
+    assert json.loads(manifest_path(out).read_text()) == trainable_manifest(m)
     return m
 
 
