@@ -20,7 +20,7 @@ from .errors import BeatsError, InputError
 from .io import LoadedModel, check_model, load_model, serialized_size
 from .report import CompileReport, ModelStats
 from .validate import Limits, check_verify_inputs, validate_model
-from .targets import PipelineOptions, build_passes, get_target
+from .targets import PipelineOptions, build_passes, check_disabled, get_target
 from .verify import Verification, verify as run_verification
 
 Progress = Callable[[str], None]
@@ -286,7 +286,7 @@ def _optimize(model, profile, options: PipelineOptions, *, verify, inputs, rtol,
         manager = PassManager(
             build_passes(profile, options),
             max_rounds=max_rounds,
-            disabled=disable,
+            disabled=check_disabled(profile, disable) & set(profile.passes),
             check=(lambda g: check_model(to_model(g, env_box[0]))) if check_each_pass else None,
             on_pass=lambda rec: say(f"round {rec.round}: {rec.name}"),
         )

@@ -19,18 +19,20 @@ from . import legality as legal
 from .errors import BeatsError, InputError
 from .io import check_model, serialized_size
 from .report import ModelStats
-from .targets import PipelineOptions, TargetProfile, build_passes
+from .targets import PipelineOptions, TargetProfile, build_passes, check_disabled
 
 
 def _say(progress):
     return progress or (lambda _msg: None)
 
 
-def _run_post(model: onnx.ModelProto, profile: TargetProfile, options: PipelineOptions, max_rounds: int):
+def _run_post(model: onnx.ModelProto, profile: TargetProfile, options: PipelineOptions, max_rounds: int,
+              disable=()):
     from .api import InternalError
 
     graph, env = to_graph(model)
-    manager = PassManager(build_passes(profile, options, post=True), max_rounds=max_rounds)
+    manager = PassManager(build_passes(profile, options, post=True), max_rounds=max_rounds,
+                          disabled=check_disabled(profile, disable) & set(profile.post_passes))
     try:
         run = manager.run(graph)
     except PassError as exc:
@@ -104,7 +106,7 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
                          verify=False, inputs=None, rtol=rtol, atol=atol, measure_latency=False, **common)
         return _finish_fp16(base, original, loaded, profile, fp32_ops, verify=verify, inputs=inputs, rtol=rtol,
                             atol=atol, max_rounds=max_rounds, measure_latency=measure_latency, strict=strict,
-                            say=say, t0=t0)
+                            say=say, t0=t0, disable=disable)
     from . import npu
 
     shapes, data = resolve_npu_inputs(original, input_shapes, calib, inputs)
@@ -120,7 +122,7 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
 
 
 def _finish_fp16(base, original, loaded, profile, fp32_ops, *, verify, inputs, rtol, atol, max_rounds,
-                 measure_latency, strict, say, t0):
+                 measure_latency, strict, say, t0, disable=()):
     from . import gpu
     from .verify import verify as run_verification
 
@@ -137,7 +139,7 @@ def _finish_fp16(base, original, loaded, profile, fp32_ops, *, verify, inputs, r
     casts_after_convert = sum(1 for n in fp16.graph.node if n.op_type == "Cast")
     say("removing redundant casts")
     final, run = _run_post(fp16, profile, PipelineOptions(protected_casts=protected, drop_new_lossy_casts=True),
-                           max_rounds)
+                           max_rounds, disable)
     _check(final, "fp16 result")
     report.passes.append({"name": "convert_float_to_float16", "round": 0, "modified": True,
                           "seconds": round(convert_s, 6), "stats": {"casts": casts_after_convert}})

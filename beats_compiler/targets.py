@@ -212,5 +212,19 @@ def get_target(name: str) -> TargetProfile:
         raise InputError(f"unknown target {name!r}; available: {', '.join(TARGETS)}") from None
 
 
+def check_disabled(profile: TargetProfile, disable) -> frozenset[str]:
+    """The pass names to skip, each one a pass this target runs (its pipeline or its
+    post-conversion passes); an unknown name is bad input naming the target's passes."""
+    names = frozenset(disable or ())
+    runs = list(dict.fromkeys(profile.passes + profile.post_passes))
+    unknown = sorted(names - set(runs))
+    if unknown:
+        owners = sorted({t for n in unknown for t, prof in TARGETS.items() if n in prof.passes + prof.post_passes})
+        where = f" (a pass of target {'/'.join(owners)})" if owners else ""
+        raise InputError(f"--disable-pass {', '.join(unknown)}: not a pass of target {profile.name}{where}; "
+                         f"`beats-compile --help` lists the passes")
+    return names
+
+
 def build_passes(profile: TargetProfile, options: PipelineOptions, *, post: bool = False) -> list[Pass]:
     return [PASSES[name](options) for name in (profile.post_passes if post else profile.passes)]

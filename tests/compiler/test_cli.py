@@ -129,6 +129,19 @@ def test_disable_pass(model_file, tmp_path):
     assert "BatchNormalization" in ops and "Gemm" not in ops
 
 
+def test_disable_pass_takes_every_pass_the_target_runs(model_file, tmp_path):
+    """--help lists the target passes too: a gpu post-conversion pass is accepted with
+    --target gpu (and skipped), a pass of another target is refused naming that target."""
+    proc = cli(model_file, "--target", "gpu", "--disable-pass", "remove_redundant_casts", "--report",
+               tmp_path / "r.json", "-q", "--no-verify", "-o", tmp_path / "g.onnx")
+    assert proc.returncode == 0, proc.stderr
+    assert "remove_redundant_casts" not in {p["name"] for p in json.loads((tmp_path / "r.json").read_text())["passes"]}
+    proc = cli(model_file, "--disable-pass", "remove_redundant_casts", "-q", "-o", tmp_path / "c.onnx")
+    assert proc.returncode == 2 and not (tmp_path / "c.onnx").exists()
+    assert proc.stderr.strip() == ("beats-compile: error: --disable-pass remove_redundant_casts: not a pass of target "
+                                   "cpu (a pass of target gpu); `beats-compile --help` lists the passes")
+
+
 # --- exit 1: verification failed ------------------------------------------------
 
 def test_verification_failure_exit_1_writes_model_nothing(model_file, tmp_path):
