@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="beats-compile",
         description="Optimize an ONNX model for a target and prove on ONNX Runtime that it computes the same function. "
                     "Subcommands: `beats-compile insert|fold|unfold MODEL ...` (see `beats-compile insert --help`), "
-                    "`beats-compile artifacts|train ...` (ONNX Runtime training of D/V).",
+                    "`beats-compile artifacts|train ...` (training D/V on ONNX Runtime).",
         epilog="Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error.",
     )
     _common(p, "<stem>.beats.onnx")
