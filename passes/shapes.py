@@ -24,6 +24,10 @@ _PROBE_CONST_LIMIT = 1024
 # shape_inference/implementation.h): a 1-D "bomb" would be allocated in C++.
 # Past this length, inference runs without data propagation.
 _DATA_PROP_MAX_LEN = 1 << 20
+# Over-estimated element values past this are "unbounded" (inf): a chain of Mul
+# nodes would otherwise square a Python int per node (EfficientNet's x * sigmoid(x)
+# after a reparameterized Conv: 65 squarings of ~1000, a hang).
+_VAL_CAP = 1 << 62
 
 
 @dataclass
@@ -173,6 +177,8 @@ def _data_prop_bounded(g: onnx.GraphProto, vals: dict | None = None, dims: dict 
         elif op == "Mul":
             out_v = math.prod(v) if all(v) and v else 0
         elif op == "Pow" and v and v[0] > 1:
+            out_v = float("inf")
+        if out_v > _VAL_CAP:
             out_v = float("inf")
         out_d = max(d, default=0)
         k = _SHAPE_OPERAND.get(op)

@@ -176,15 +176,17 @@ def _fold(result: TrainResult, art: Path, out: Path, atol: float, progress) -> N
 
     say = progress or (lambda ev: None)
     say({"type": "message", "text": "folding the trained D/V"})
-    loaded = load_model(art / INSERTED, lazy=True)
-    adapter = Adapter.load(result.adapter)
-    folded = fold(loaded, adapter=adapter, measure_latency=False)
-    if folded.report.verified is False:
-        raise VerificationError("the folded model does not match the inserted model carrying the trained D/V")
-    saved = save_model(folded.model, out, external_data=loaded.uses_external_data, base_dir=folded.base_dir)
     with np.load(Path(result.run_dir) / RUN_FILES["reference"], allow_pickle=False) as ref:
         arrays = {k: ref[k] for k in ref.files}
     trained = arrays.pop(LOGITS_KEY)
+    loaded = load_model(art / INSERTED, lazy=True)
+    adapter = Adapter.load(result.adapter)
+    # verified on the saved training examples: generated inputs can be out of range for the
+    # model (token ids past an embedding table, a token_type_ids of 2 for BERT's two rows)
+    folded = fold(loaded, adapter=adapter, inputs=arrays if trained.size else None, measure_latency=False)
+    if folded.report.verified is False:
+        raise VerificationError("the folded model does not match the inserted model carrying the trained D/V")
+    saved = save_model(folded.model, out, external_data=loaded.uses_external_data, base_dir=folded.base_dir)
     output = result.metrics["loss_output"]
     sess = ort.InferenceSession(str(saved.path), providers=["CPUExecutionProvider"])
     got = sess.run([output], arrays)[0]

@@ -98,3 +98,14 @@ def test_outside_a_manager_every_call_computes_and_callers_get_copies(monkeypatc
 
     PassManager([Spoil(), Probe(seen)]).run(g)
     assert seen == [np.float32] and len(calls) == 1
+
+
+def test_data_prop_bound_of_a_mul_chain_saturates():
+    # A reparameterized weight (Reshape by a shape constant) feeding 80 x * x: the
+    # over-estimate of the values must saturate, not square a Python int per node
+    # (without the cap this never returns: EfficientNet-B0's artifacts hung).
+    nodes = [H("Reshape", ["w", "s"], ["t0"])] + [H("Mul", [f"t{i}", f"t{i}"], [f"t{i + 1}"]) for i in range(80)]
+    nodes.append(H("Add", ["x", "t80"], ["y"]))
+    g, _ = to_graph(make_model(nodes, [vi("x", [1000])], [vi("y", [1000])],
+                               {"w": np.zeros((10, 100), np.float32), "s": np.array([1000], np.int64)}))
+    assert infer_types(g).static_shape(g.outputs[0]) == (1000,)

@@ -216,3 +216,20 @@ def test_token_classifier_with_ignored_padding_trains(tmp_path):
     pred = sess.run(["logits"], {"ids": e["ids"]})[0].argmax(-1)
     keep = e["labels"] != -100
     assert abs(float((pred == e["labels"])[keep].mean()) - res.metrics["best"]) < 1e-9
+
+
+def test_fold_verifies_on_the_training_examples(tmp_path):
+    """A two-row embedding (BERT's token_type_ids): inputs generated for verification
+    index past it, so `--fold` must verify on the saved examples, not on generated ones."""
+    from passes import reparam as rp
+
+    ids = np.random.default_rng(5).integers(0, 2, (32, 4)).astype(np.int64)
+    data = {"ids": ids, "labels": ids.copy()}
+    res = reparam.insert(token_model(vocab=2), rp.Policy((rp.Rule(ops=("MatMul",), min_size=8),), 0, 0.02),
+                         inputs={"ids": ids[:2]}, measure_latency=False)
+    src = tmp_path / "tt.inserted.onnx"
+    src.write_bytes(res.model.SerializeToString())
+    generate_artifacts(src, tmp_path / "art", loss="ce", lr=0.05)
+    out = train(tmp_path / "art", save_npz(tmp_path / "t.npz", data), epochs=1, batch_size=8,
+                fold=tmp_path / "tt.onnx", curve=False)
+    assert out.fold_max_abs_diff <= 1e-4 and out.folded_node_count == 2
