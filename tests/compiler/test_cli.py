@@ -252,3 +252,23 @@ def test_report_records_the_error_for_ci(tmp_path):
     body = json.loads(report.read_text())
     assert body["exit_code"] == 2 and body["verified"] is None and "not an ONNX model" in body["error"]
     assert listing(tmp_path) == ["bad.onnx", "r.json"]
+
+
+def test_folding_inf_and_nan_prints_nothing_on_stderr(tmp_path):
+    """Constants that fold to inf/nan (1/0, log 0): the values are the op's, and numpy's
+    RuntimeWarnings from onnx's reference evaluator never reach the user's stderr."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = numpy_helper.from_array(np.array([1.0, 0.0, -1.0], np.float32), "a")
+    z = numpy_helper.from_array(np.zeros(3, np.float32), "z")
+    nodes = [helper.make_node("Div", ["a", "z"], ["q"]), helper.make_node("Log", ["z"], ["l"]),
+             helper.make_node("Add", ["q", "l"], ["c"]), helper.make_node("Add", ["c", "x"], ["y"])]
+    g = helper.make_graph(nodes, "w", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [a, z])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "w.onnx"
+    onnx.save(m, src)
+    proc = cli(src, "-q", "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["nodes_after"] < 4  # the constants did fold
