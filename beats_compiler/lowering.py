@@ -317,7 +317,7 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
             except BeatsError:
                 raise
             except Exception as exc:
-                raise InputError(f"cannot verify: a held-out sample fails on ONNX Runtime ({npu._short(exc)})") from None
+                raise InputError(f"cannot verify: a held-out sample fails on ONNX Runtime ({npu.short_message(exc)})") from None
         finally:
             ref.close()
         details["accuracy"] = acc

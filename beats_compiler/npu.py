@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from .errors import InputError
-from .verify import _short, load_inputs
+from .verify import load_inputs, short_message
 
 EP_NAME = "QNNExecutionProvider"
 _registered = False
@@ -74,7 +74,7 @@ def _devices():
                 ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
         except Exception as exc:  # already registered by someone else in this process is fine
             if "already" not in str(exc).lower():
-                raise QnnUnavailable(f"cannot load the QNN execution provider: {_short(exc)}") from None
+                raise QnnUnavailable(f"cannot load the QNN execution provider: {short_message(exc)}") from None
         _registered = True
     devs = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
     if not devs:
@@ -268,7 +268,7 @@ def quantize_qdq(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]], *, 
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"quantization failed: {_short(exc)}") from None
+        raise InputError(f"quantization failed: {short_message(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Quantized(q, bool(changed), activation_type, weight_type, per_channel, len(calib))
@@ -361,7 +361,7 @@ def qnn_session(model: onnx.ModelProto | str | os.PathLike, *, config: Mapping[s
         else:
             err = None
     if err is not None:
-        raise QnnUnavailable(f"QNN HTP session failed: {_short(err)}")
+        raise QnnUnavailable(f"QNN HTP session failed: {short_message(err)}")
     return sess, log[0]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -233,14 +234,14 @@ def verify(
     try:
         s_orig = _Session(original, original_path, base_dir=base_dir)
     except Exception as exc:
-        raise InputError(f"cannot verify: ONNX Runtime cannot load the original model ({_short(exc)}); use --no-verify to skip") from None
+        raise InputError(f"cannot verify: ONNX Runtime cannot load the original model ({short_message(exc)}); use --no-verify to skip") from None
     try:
         s_new = _Session(result, None, base_dir=base_dir)
     except Exception as exc:
         s_orig.close()
         return Verification(False, float("inf"), float("inf"), rtol, atol,
                             [OutputDiff("<session>", False, float("inf"), float("inf"),
-                                        f"ONNX Runtime cannot load the compiled model: {_short(exc)}")],
+                                        f"ONNX Runtime cannot load the compiled model: {short_message(exc)}")],
                             None, None)
     try:
         return _verify_sessions(s_orig.sess, s_new.sess, inputs, rtol, atol, measure_latency, latency_budget_s, latency_runs, seed)
@@ -249,9 +250,21 @@ def verify(
         s_new.close()
 
 
-def _short(exc: BaseException) -> str:
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+# "/onnxruntime_src/.../reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(const ..., bool) "
+_SOURCE_LOCATION = re.compile(r"(?:/[\w.+-]+)+\.(?:h|hpp|cc|cpp|cu|cuh):\d+ (?:[\w:~<>]+\([^()]*\)(?: const)? )?")
+SHORT_LIMIT = 160
+
+
+def short_message(exc: BaseException, limit: int = SHORT_LIMIT) -> str:
+    """An exception's message for a one-line error: whitespace collapsed, ONNX Runtime's
+    status prefix and C++ source locations dropped, cut at a word boundary."""
     text = " ".join(str(exc).split())
-    return (text[:300] + "...") if len(text) > 300 else text or type(exc).__name__
+    text = _SOURCE_LOCATION.sub("", _ORT_PREFIX.sub("", text)).strip()
+    if len(text) > limit:
+        cut = text[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+        text = cut + " ..."
+    return text or type(exc).__name__
 
 
 def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, seed) -> Verification:
@@ -280,7 +293,7 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
                 expected = so.run(None, feeds)
                 break
             except Exception as exc:
-                errors.append(_short(exc))
+                errors.append(short_message(exc))
                 expected = None
         if expected is not None:
             input_source = source
@@ -291,7 +304,7 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
     try:
         got = sn.run(out_names, feeds)
     except Exception as exc:
-        diff = OutputDiff("<run>", False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: {_short(exc)}")
+        diff = OutputDiff("<run>", False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: {short_message(exc)}")
         return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None,
                             {k: list(np.shape(v)) for k, v in feeds.items()}, input_source)
     diffs = [_compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, expected, got)]
@@ -330,4 +343,4 @@ def load_inputs(path: str | os.PathLike, what: str = "inputs") -> dict[str, np.n
         with np.load(p, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except Exception as exc:
-        raise InputError(f"{p}: not a readable .npz file ({_short(exc)})") from None
+        raise InputError(f"{p}: not a readable .npz file ({short_message(exc)})") from None

@@ -272,3 +272,32 @@ def test_folding_inf_and_nan_prints_nothing_on_stderr(tmp_path):
     proc = cli(src, "-q", "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert json.loads((tmp_path / "r.json").read_text())["nodes_after"] < 4  # the constants did fold
+
+
+def test_ort_errors_are_short_without_source_paths(tmp_path):
+    """An ONNX Runtime failure is reduced to what the user can act on: no status
+    prefix, no C++ source location, cut at a word boundary."""
+    from onnx import TensorProto, helper
+
+    s = helper.make_tensor("s", TensorProto.INT64, [1], [4])
+    g = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "r",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [s])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, tmp_path / "r.onnx")
+    proc = cli(tmp_path / "r.onnx", "-q", "-o", tmp_path / "out.onnx")
+    line = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in line
+    assert "Reshape" in line and "--inputs" in line
+    assert "onnxruntime_src" not in line and ".h:" not in line and "[ONNXRuntimeError]" not in line
+    assert len(line) <= 300, len(line)
+
+
+def test_short_cuts_at_a_word_boundary():
+    from beats_compiler.verify import short_message
+
+    msg = short_message(RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : " + "word " * 100))
+    assert msg.endswith("word ...") and len(msg) <= 170 and "ONNXRuntimeError" not in msg
+    path = "/onnxruntime_src/onnxruntime/core/x.cc:12 onnxruntime::F::G(const int&, bool) the real reason"
+    assert short_message(RuntimeError(path)) == "the real reason"
