@@ -225,7 +225,7 @@ class NativeTrainer:
         self.art, self.man = art, man
         self.device = "cuda" if device == "cuda" else "cpu"
         so = ort.SessionOptions()
-        so.log_severity_level = 3
+        so.log_severity_level = 4  # ORT's own log lines would break the one-line error
         if threads:
             so.intra_op_num_threads = threads
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
