@@ -242,6 +242,20 @@ def open_inserted(src: Path, out: Path, output: str | None, say: Callable[[dict]
     return model, external, manifest, output
 
 
+def model_inputs_and_label(model, loss: str, label_name: str | None):
+    """The model's data inputs (not initializers) and the label input's name: the one
+    given, else ``labels`` (ce) or ``target``, prefixed ``beats_`` if the model has it."""
+    init_names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in init_names]
+    taken = init_names | {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
+    label = label_name or ("labels" if loss == "ce" else "target")
+    if label in taken:
+        if label_name:
+            raise InputError(f"--label-name {label!r} is already a tensor of the model")
+        label = "beats_" + label
+    return inputs, label
+
+
 def _value_info(model, name: str):
     for vi in list(model.graph.output) + list(model.graph.input) + list(model.graph.value_info):
         if vi.name == name:
@@ -315,14 +329,7 @@ def generate_here(*, inserted_model: str, out_dir: str, loss: str, output: str |
     out_shape = _shape(out_vi)
     if loss == "ce" and out_shape and len(out_shape) != 2:
         raise InputError(f"ce needs logits of shape (batch, classes); output {output!r} has rank {len(out_shape)}")
-    init_names = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init_names]
-    taken = init_names | {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
-    label = label_name or ("labels" if loss == "ce" else "target")
-    if label in taken:
-        if label_name:
-            raise InputError(f"--label-name {label!r} is already a tensor of the model")
-        label = "beats_" + label
+    inputs, label = model_inputs_and_label(model, loss, label_name)
     if loss == "ce":
         label_dtype, label_shape = "int64", out_shape[:-1]
     else:

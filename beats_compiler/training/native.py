@@ -109,20 +109,14 @@ def generate_native(*, inserted_model: str, out_dir: str, loss: str, output: str
     from passes.train_step import LossSpec, OptimizerSpec, build_train_step
 
     from .. import __version__
-    from .artifacts import FORMAT, INSERTED, MANIFEST, _dtype_name, _publish, _shape, _tensor_bytes, open_inserted
+    from .artifacts import (FORMAT, INSERTED, MANIFEST, _dtype_name, _publish, _shape, _tensor_bytes,
+                            model_inputs_and_label, open_inserted)
 
     say = progress or (lambda ev: None)
     src, out = Path(inserted_model), Path(out_dir)
     model, external, manifest, output = open_inserted(src, out, output, say)
     trainable = manifest["trainable"]
-    init_names = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in init_names]
-    taken = init_names | {i.name for i in model.graph.input} | {o for n in model.graph.node for o in n.output}
-    label = label_name or ("labels" if loss == "ce" else "target")
-    if label in taken:
-        if label_name:
-            raise InputError(f"--label-name {label!r} is already a tensor of the model")
-        label = "beats_" + label
+    inputs, label = model_inputs_and_label(model, loss, label_name)
     say({"type": "message", "text": "pre-flight"})
     legal, fixes, stats = preflight(model, trainable, output)
     graph, env = to_graph(legal)
