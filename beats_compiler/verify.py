@@ -123,12 +123,58 @@ def _bind_dims(inputs, sizes: Sequence[int]) -> dict[str, list[int]]:
     return shapes
 
 
-def _random(dtype, shape, rng: np.random.Generator) -> np.ndarray:
+# Ops whose first input reaches their output element for element (indices stay indices).
+_INDEX_PASS_THROUGH = frozenset("Cast Unsqueeze Squeeze Reshape Flatten Identity Expand Slice Transpose".split())
+
+
+def integer_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """For each integer graph input used as Gather/GatherElements indices (directly or
+    through reshapes and casts), the size of the smallest table axis it indexes: generated
+    inputs stay below it (token ids of an embedding, BERT's 2-row token_type_ids)."""
+    g = model.graph
+    dims: dict[str, list] = {t.name: list(t.dims) for t in g.initializer}
+    for vi in list(g.value_info) + list(g.input):
+        tt = vi.type.tensor_type
+        if vi.name not in dims and vi.type.HasField("tensor_type") and tt.HasField("shape"):
+            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+    readers: dict[str, list] = {}
+    for node in g.node:
+        for slot, name in enumerate(node.input):
+            readers.setdefault(name, []).append((node, slot))
+    inits = {t.name for t in g.initializer}
+    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
+            onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)
+    bounds: dict[str, int] = {}
+    for inp in g.input:
+        if inp.name in inits or inp.type.tensor_type.elem_type not in ints:
+            continue
+        todo, seen, best = [inp.name], set(), None
+        while todo:
+            t = todo.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            for node, slot in readers.get(t, []):
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                if node.op_type in ("Gather", "GatherElements") and slot == 1:
+                    table = dims.get(node.input[0])
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                    if table and -len(table) <= axis < len(table) and isinstance(table[axis], int) and table[axis] > 0:
+                        best = table[axis] if best is None else min(best, table[axis])
+                elif node.op_type in _INDEX_PASS_THROUGH and slot == 0:
+                    todo.extend(o for o in node.output if o)
+        if best is not None:
+            bounds[inp.name] = best
+    return bounds
+
+
+def _random(dtype, shape, rng: np.random.Generator, high: int = 4) -> np.ndarray:
     dt = np.dtype(dtype)
     if dt.kind == "f":
         return rng.standard_normal(shape).astype(dt)
     if dt.kind in "iu":
-        return rng.integers(0, 4, size=shape).astype(dt)
+        return rng.integers(0, max(1, high), size=shape).astype(dt)
     if dt.kind == "b":
         return rng.integers(0, 2, size=shape).astype(bool)
     if dt.kind in "US":
@@ -136,14 +182,18 @@ def _random(dtype, shape, rng: np.random.Generator) -> np.ndarray:
     raise InputError(f"cannot generate inputs of type {dt}")
 
 
-def generate_inputs(sess, sizes: Sequence[int], seed: int = 0) -> dict[str, np.ndarray]:
+def generate_inputs(sess, sizes: Sequence[int], seed: int = 0,
+                    bounds: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random inputs for ``sess``: floats ~ N(0, 1), integers in 0..3 (below ``bounds[name]``
+    where the model indexes a smaller table with them), symbolic dims bound to ``sizes``."""
     rng = np.random.default_rng(seed)
     shapes = _bind_dims(sess.get_inputs(), sizes)
+    bounds = bounds or {}
     feeds = {}
     for inp in sess.get_inputs():
         if inp.type not in _ORT_TYPES:
             raise InputError(f"input {inp.name!r} has type {inp.type}; pass --inputs to verify this model")
-        feeds[inp.name] = _random(_ORT_TYPES[inp.type], shapes[inp.name], rng)
+        feeds[inp.name] = _random(_ORT_TYPES[inp.type], shapes[inp.name], rng, min(4, bounds.get(inp.name, 4)))
     return feeds
 
 
@@ -244,7 +294,9 @@ def verify(
                                         f"ONNX Runtime cannot load the compiled model: {short_message(exc)}")],
                             None, None)
     try:
-        return _verify_sessions(s_orig.sess, s_new.sess, inputs, rtol, atol, measure_latency, latency_budget_s, latency_runs, seed)
+        bounds = integer_bounds(original if original is not None else result) if inputs is None else {}
+        return _verify_sessions(s_orig.sess, s_new.sess, inputs, rtol, atol, measure_latency, latency_budget_s,
+                                latency_runs, seed, bounds)
     finally:
         s_orig.close()
         s_new.close()
@@ -267,7 +319,8 @@ def short_message(exc: BaseException, limit: int = SHORT_LIMIT) -> str:
     return text or type(exc).__name__
 
 
-def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, seed) -> Verification:
+def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, seed,
+                     bounds: Mapping[str, int] | None = None) -> Verification:
     names = [i.name for i in so.get_inputs()]
     if inputs is not None:
         missing = [n for n in names if n not in inputs]
@@ -288,7 +341,7 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
     errors = []
     for source, given in candidates:
         for sizes in ((2, 3, 4, 5, 6), (2,), (1,)) if given is None else ((),):
-            feeds = given if given is not None else generate_inputs(so, sizes, seed)
+            feeds = given if given is not None else generate_inputs(so, sizes, seed, bounds)
             try:
                 expected = so.run(None, feeds)
                 break

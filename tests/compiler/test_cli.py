@@ -301,3 +301,33 @@ def test_short_cuts_at_a_word_boundary():
     assert msg.endswith("word ...") and len(msg) <= 170 and "ONNXRuntimeError" not in msg
     path = "/onnxruntime_src/onnxruntime/core/x.cc:12 onnxruntime::F::G(const int&, bool) the real reason"
     assert short_message(RuntimeError(path)) == "the real reason"
+
+
+def test_generated_integer_inputs_stay_inside_the_tables_they_index(tmp_path):
+    """BERT's token_type_ids index a 2-row table: generated verification inputs (0..3
+    by default) stay below the size of every table an integer input indexes, also
+    through Cast/Unsqueeze, so plain compile and insert verify without --inputs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    r = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(r.standard_normal((30, 8)).astype(np.float32), "words"),
+             numpy_helper.from_array(r.standard_normal((2, 8)).astype(np.float32), "types"),
+             numpy_helper.from_array(r.standard_normal((8, 8)).astype(np.float32), "W")]
+    nodes = [helper.make_node("Gather", ["words", "ids"], ["e"]),
+             helper.make_node("Cast", ["tt"], ["tt64"], to=TensorProto.INT64),
+             helper.make_node("Gather", ["types", "tt64"], ["t"]),
+             helper.make_node("Add", ["e", "t"], ["h"]), helper.make_node("MatMul", ["h", "W"], ["y"])]
+    g = helper.make_graph(nodes, "bertish", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "S"]),
+                                             helper.make_tensor_value_info("tt", TensorProto.INT32, ["B", "S"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "S", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "b.onnx"
+    onnx.save(m, src)
+    from beats_compiler.verify import integer_bounds
+
+    assert integer_bounds(m) == {"ids": 30, "tt": 2}
+    proc = cli(src, "-q", "-o", tmp_path / "c.onnx")
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("insert", src, "-q", "-o", tmp_path / "i.onnx", "--factorization", "rank:2", "--min-size", "0")
+    assert proc.returncode == 0, proc.stderr
