@@ -247,10 +247,12 @@ def quantize_qdq(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]], *, 
             src = Path(tmp) / "fp32.onnx"
             # onnxruntime's QNN preprocessing fails on any metadata_props ("cannot convert
             # dictionary update sequence element #0"): quantize without, put them back after
-            bare = onnx.ModelProto()
-            bare.CopyFrom(model)
-            del bare.metadata_props[:]
-            onnx.save_model(bare, src)
+            props = list(model.metadata_props)
+            del model.metadata_props[:]
+            try:
+                onnx.save_model(model, src)
+            finally:  # the caller's model keeps its metadata
+                model.metadata_props.extend(props)
             pre = Path(tmp) / "pre.onnx"
             changed = qnn_preprocess_model(str(src), str(pre))
             use = pre if changed else src

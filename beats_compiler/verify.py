@@ -76,6 +76,16 @@ class Verification:
         return [o for o in self.outputs if not o.ok]
 
 
+def quiet_session_options():
+    """ONNX Runtime session options that log only fatal errors: its own log lines on
+    stderr would break the one-line errors the CLI prints."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    return so
+
+
 class _Session:
     """An ORT CPU session on a model given as a path or in memory.  An
     in-memory model over 2 GB is written to the system temp folder, which is
@@ -86,8 +96,7 @@ class _Session:
         import onnxruntime as ort
 
         self._tmp: str | None = None
-        so = ort.SessionOptions()
-        so.log_severity_level = 4  # ORT's own error lines would break the one-line error
+        so = quiet_session_options()
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if path is not None:
@@ -141,12 +150,10 @@ def integer_bounds(model: onnx.ModelProto) -> dict[str, int]:
     for node in g.node:
         for slot, name in enumerate(node.input):
             readers.setdefault(name, []).append((node, slot))
-    inits = {t.name for t in g.initializer}
-    ints = (onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8,
-            onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64)
     bounds: dict[str, int] = {}
     for inp in g.input:
-        if inp.name in inits or inp.type.tensor_type.elem_type not in ints:
+        elem = inp.type.tensor_type.elem_type
+        if not elem or np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).kind not in "iu":
             continue
         todo, seen, best = [inp.name], set(), None
         while todo:

@@ -172,6 +172,7 @@ def _fold(result: TrainResult, art: Path, out: Path, atol: float, progress) -> N
     import onnxruntime as ort
 
     from ..io import load_model, save_model
+    from ..verify import quiet_session_options
     from ..reparam import Adapter, fold
 
     say = progress or (lambda ev: None)
@@ -188,9 +189,7 @@ def _fold(result: TrainResult, art: Path, out: Path, atol: float, progress) -> N
         raise VerificationError("the folded model does not match the inserted model carrying the trained D/V")
     saved = save_model(folded.model, out, external_data=loaded.uses_external_data, base_dir=folded.base_dir)
     output = result.metrics["loss_output"]
-    so = ort.SessionOptions()
-    so.log_severity_level = 4  # ORT's own log lines would break the one-line error
-    sess = ort.InferenceSession(str(saved.path), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(saved.path), quiet_session_options(), providers=["CPUExecutionProvider"])
     got = sess.run([output], arrays)[0]
     diff = float(np.max(np.abs(got.astype(np.float64) - trained.astype(np.float64)))) if trained.size else 0.0
     result.folded = str(saved.path)

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ..errors import InputError
+from ..verify import quiet_session_options
 
 ENGINE = "beats"
 TRAIN_MODEL, EVAL_MODEL, WEIGHTS, PARAMS = "train_step.onnx", "eval_model.onnx", "weights.data", "params.npz"
@@ -218,8 +219,7 @@ class NativeTrainer:
 
         self.art, self.man = art, man
         self.device = "cuda" if device == "cuda" else "cpu"
-        so = ort.SessionOptions()
-        so.log_severity_level = 4  # ORT's own log lines would break the one-line error
+        so = quiet_session_options()
         if threads:
             so.intra_op_num_threads = threads
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
