@@ -19,7 +19,7 @@ from passes.convert import quiet, uses_external_refs
 from .errors import BeatsError, InputError
 from .io import LoadedModel, check_model, load_model, serialized_size
 from .report import CompileReport, ModelStats
-from .validate import Limits, check_verify_inputs, validate_model
+from .validate import Limits, UnsortedGraph, check_verify_inputs, sort_nodes, validate_model
 from .targets import PipelineOptions, build_passes, check_disabled, get_target
 from .verify import Verification, verify as run_verification
 
@@ -70,7 +70,15 @@ def _as_loaded(model: onnx.ModelProto | LoadedModel | str | os.PathLike) -> tupl
     if isinstance(model, LoadedModel):
         return model.model, model
     if isinstance(model, onnx.ModelProto):
-        validate_model(model, Limits())
+        try:
+            validate_model(model, Limits())
+        except UnsortedGraph:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # the caller's model is not modified
+            if not sort_nodes(copy):
+                raise
+            model = copy
+            validate_model(model, Limits())
         if uses_external_refs(model):
             raise InputError("an in-memory model references external data files: load it with "
                              "beats_compiler.load_model(path) instead")
@@ -98,6 +106,7 @@ class _Edit:
     reparam: dict | None = None
     reference: onnx.ModelProto | None = None  # verify against this instead of the input
     warnings: list = None
+    pipeline: object = None  # bisect.Pipeline: how to run the passes again one by one (compile)
 
 
 def transform(
@@ -112,9 +121,12 @@ def transform(
     atol: float | None = None,
     measure_latency: bool = True,
     progress: Progress | None = None,
+    bisect: bool = False,
 ) -> CompileResult:
     """Load, edit the graph in place, export, check, verify, report: the
-    skeleton shared by compile, insert, fold and unfold."""
+    skeleton shared by compile, insert, fold and unfold.  When verification
+    fails, or with ``bisect``, ``report.culprit`` names the pass (and node)
+    that makes the result differ (``beats_compiler.bisect``)."""
     t_start = time.perf_counter()
     say = progress or (lambda _msg: None)
     profile = get_target(target)
@@ -156,7 +168,7 @@ def transform(
             measure_latency=measure_latency,
             base_dir=base_dir,
         )
-    warnings = list(done.warnings or [])
+    warnings = (list(loaded.notes) if loaded is not None else []) + list(done.warnings or [])
     if not done.converged:
         warnings.append(f"passes still changing the graph after {done.rounds} rounds (raise max_rounds)")
     report = CompileReport(
@@ -191,7 +203,36 @@ def transform(
         command=command,
         reparam=done.reparam,
     )
+    if bisect or (ver is not None and not ver.verified):
+        say("looking for the pass that changes the outputs")
+        report.culprit = _find_culprit(command, original, loaded, done, result, inputs, rtol, atol,
+                                       failed=ver is not None and not ver.verified)
+        report.seconds = round(time.perf_counter() - t_start, 4)
     return CompileResult(result, report, base_dir if uses_external_refs(result) else None)
+
+
+def _find_culprit(command, original, loaded, done: _Edit, result, inputs, rtol, atol, *, failed: bool) -> dict:
+    """``report.culprit``: re-run the edit pass by pass against the reference
+    verification used, on the same inputs (``beats_compiler.bisect``)."""
+    from . import bisect as bs
+
+    base_dir = loaded.base_dir if loaded is not None else None
+    try:
+        if done.reference is not None:
+            ref_model, path = done.reference, None
+        else:
+            ref_model, path = original, (loaded.path if loaded is not None else None)
+        ref = bs.Reference(None if path is not None else ref_model, path, inputs=inputs, analysis_model=ref_model,
+                           base_dir=base_dir)
+        if done.pipeline is not None:
+            import dataclasses
+
+            pipe = dataclasses.replace(done.pipeline, base_dir=base_dir)
+            return bs.find([pipe.run], original, ref, rtol=rtol, atol=atol, failed=failed, base_dir=base_dir)
+        return bs.single_step(command, ref_model, result, ref, rtol=rtol, atol=atol, failed=failed,
+                              base_dir=base_dir)
+    except Exception as exc:  # noqa: BLE001 - the search must not hide the verification result
+        return bs.failed_search(exc)
 
 
 def _limit_warnings(records, options: PipelineOptions) -> list[str]:
@@ -236,6 +277,7 @@ def compile(  # noqa: A001 - the product's verb
     per_channel: bool = False,
     min_cosine: float | None = None,
     soc_model: int | None = None,
+    bisect: bool = False,
 ) -> CompileResult:
     """Optimize ``model`` for ``target`` and (unless ``verify=False``) prove on
     ONNX Runtime that the result computes the same outputs.
@@ -251,6 +293,10 @@ def compile(  # noqa: A001 - the product's verb
     model (``result.precompiled``); ``min_cosine`` overrides the profile's bar;
     ``activation_type`` "uint8"/"uint16" quantizes (QDQ), "float16" keeps the
     float model for the HTP's fp16 mode (``soc_model``: QNN's SoC number).
+
+    When verification fails, ``report.culprit`` names the first pass whose
+    output differs and the node of that output; ``bisect=True`` searches even
+    when verification passes (the largest divergence, within tolerance).
     """
     profile = get_target(target)
     if profile.convert == "none":
@@ -265,7 +311,7 @@ def compile(  # noqa: A001 - the product's verb
                  if v is not None}
         return _optimize(model, profile, PipelineOptions(**knobs), verify=verify, inputs=inputs, rtol=rtol,
                          atol=atol, disable=disable, max_rounds=max_rounds, check_each_pass=check_each_pass,
-                         measure_latency=measure_latency, progress=progress)
+                         measure_latency=measure_latency, progress=progress, bisect=bisect)
     from .lowering import compile_lowered
 
     return compile_lowered(
@@ -273,12 +319,12 @@ def compile(  # noqa: A001 - the product's verb
         fold_size_limit=fold_size_limit, check_each_pass=check_each_pass, measure_latency=measure_latency,
         progress=progress, strict=strict, input_shapes=input_shapes, calib=calib, fp32_ops=fp32_ops,
         precompile=precompile, activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
-        min_cosine=min_cosine, fold_memory_limit=fold_memory_limit, soc_model=soc_model,
+        min_cosine=min_cosine, fold_memory_limit=fold_memory_limit, soc_model=soc_model, bisect=bisect,
     )
 
 
 def _optimize(model, profile, options: PipelineOptions, *, verify, inputs, rtol, atol, disable, max_rounds,
-              check_each_pass, measure_latency, progress) -> CompileResult:
+              check_each_pass, measure_latency, progress, bisect: bool = False) -> CompileResult:
     """The target's fp32 pipeline through ``transform``."""
     say = progress or (lambda _msg: None)
     env_box: list = []
@@ -304,8 +350,12 @@ def _optimize(model, profile, options: PipelineOptions, *, verify, inputs, rtol,
             if isinstance(exc.cause, ValueError) and exc.pass_name == "fix_input_shapes":
                 raise InputError(str(exc.cause)) from None
             raise InternalError(str(exc)) from exc
+        from .bisect import Pipeline
+
         return _Edit(records=run.records, rounds=run.rounds, converged=run.converged,
-                     warnings=_limit_warnings(run.records, options))
+                     warnings=_limit_warnings(run.records, options),
+                     pipeline=Pipeline(lambda: build_passes(profile, options), frozenset(manager.disabled),
+                                       max_rounds))
 
     return transform(model, "compile", optimize, target=profile.name, verify=verify, inputs=inputs, rtol=rtol,
-                     atol=atol, measure_latency=measure_latency, progress=progress)
+                     atol=atol, measure_latency=measure_latency, progress=progress, bisect=bisect)

@@ -44,6 +44,9 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here (for CI)")
     p.add_argument("--inputs", metavar="X.npz", help="verify with these inputs (name -> array) instead of generated ones")
     p.add_argument("--no-verify", action="store_true", help="skip verification on ONNX Runtime")
+    p.add_argument("--bisect", action="store_true",
+                   help="name the pass and node that change the outputs most, even when verification passes "
+                        "(done anyway when it fails)")
     p.add_argument("--rtol", type=_positive_float, help="relative tolerance of verification")
     p.add_argument("--atol", type=_positive_float, help="absolute tolerance of verification")
     p.add_argument("--external-data", action="store_true",
@@ -107,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--activation-type", default="uint8", choices=("uint8", "uint16", "float16"),
                    help="npu: activation type (default uint8); float16 quantizes nothing: the HTP runs the model in fp16")
     t.add_argument("--soc-model", type=int, metavar="N",
-                   help="npu with --activation-type float16: QNN's SoC model number for the HTP's fp16 mode (default 60)")
+                   help="npu: QNN's SoC model number the HTP sessions compile for (default 60, the x86-64 HTP "
+                        "backend's; it sets the HTP memory a graph may use, and the fp16 mode needs one)")
     t.add_argument("--weight-type", default="uint8", choices=("uint8", "int8"), help="npu: weight type (default uint8)")
     t.add_argument("--per-channel", action="store_true", help="npu: per-channel weights (Conv; MatMul/Gemm as int8 symmetric per output channel)")
     t.add_argument("--min-cosine", type=_positive_float, metavar="C",
@@ -220,6 +224,12 @@ def _print_summary(console, report) -> None:
     if delta:
         console.print("ops: " + ", ".join(f"{k} {v:+d}" for k, v in delta.items()))
     _print_legality(console, report)
+    if report.verify_inputs_generated:
+        from rich.markup import escape
+
+        from .inputs import summary_line
+
+        console.print(escape(summary_line(report.verify_inputs_generated)), soft_wrap=True)
     if report.verified is None:
         console.print("[yellow]verification skipped (--no-verify)[/]")
     elif report.verified and report.target == "npu" and report.command == "compile":
@@ -240,6 +250,8 @@ def _print_summary(console, report) -> None:
             if not o["ok"]:
                 diff = "" if npu_acc else f"max abs diff {o['max_abs_diff']:.3g} "
                 console.print(f"  output {o['name']}: {diff}{o['detail']}")
+        if report.culprit:
+            console.print(f"  {report.culprit['message']}", markup=False, soft_wrap=True)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/] {w}")
 
@@ -328,6 +340,10 @@ def _finish(args, console, result, out: Path, report_path: Path | None, external
     report = result.report
     if report.verified is False:
         exit_code = EXIT_VERIFY
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"beats-compile: {report.failure_line()}", markup=False,
+                                                    soft_wrap=True)
     else:
         saved = save_model(result.model, out, external_data=external, base_dir=result.base_dir)
         report.output = str(saved.path)
@@ -339,6 +355,8 @@ def _finish(args, console, result, out: Path, report_path: Path | None, external
         atomic_write_bytes(report_path, (report.to_json() + "\n").encode())
     if not args.quiet:
         _print_summary(console, report)
+        if report.culprit and exit_code == EXIT_OK:
+            console.print(f"bisect: {report.culprit['message']}", markup=False, soft_wrap=True)
         if exit_code == EXIT_OK:
             console.print(f"wrote {out}" + (f" (+ {out.name}.data)" if external else ""))
         else:
@@ -389,6 +407,7 @@ def run_compile(args: argparse.Namespace, console) -> int:
             per_channel=args.per_channel,
             min_cosine=args.min_cosine,
             soc_model=args.soc_model,
+            bisect=args.bisect,
         )
 
     def write_ctx(_out: Path) -> None:
@@ -449,6 +468,7 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
     from .io import atomic_write_bytes, check_output_path
 
     common = dict(verify=not args.no_verify, rtol=args.rtol, atol=args.atol)
+    flags = dict(bisect=args.bisect)
     if cmd == "insert":
         policy = _policy(args)
         loaded, out, report_path, external, inputs = _prepare(args, ".inserted.onnx")
@@ -456,7 +476,7 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
         check_output_path(loaded, manifest, external_data=False)
         with _Status(console, args.quiet) as progress:
             kw = {k: v for k, v in common.items() if v is not None}
-            result = reparam.insert(loaded, policy, inputs=inputs, progress=progress, **kw)
+            result = reparam.insert(loaded, policy, inputs=inputs, progress=progress, **kw, **flags)
 
         def write_manifest(_out: Path) -> None:
             text = _json.dumps(reparam.trainable_manifest(result.model), indent=2) + "\n"
@@ -476,13 +496,13 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
                 if given:
                     own.values.update({k: v for k, v in given.items() if k in own.values})
         with _Status(console, args.quiet) as progress:
-            result = reparam.fold(loaded, values, adapter=adapter, inputs=inputs, progress=progress, **common)
+            result = reparam.fold(loaded, values, adapter=adapter, inputs=inputs, progress=progress, **common, **flags)
         extra = (lambda _out: own.save(args.save_adapter)) if args.save_adapter else None
         return _finish(args, console, result, out, report_path, external, extra)
     loaded, out, report_path, external, inputs = _prepare(args, ".unfolded.onnx")
     adapter = reparam.Adapter.load(args.adapter)
     with _Status(console, args.quiet) as progress:
-        result = reparam.unfold(loaded, adapter, inputs=inputs, progress=progress, **common)
+        result = reparam.unfold(loaded, adapter, inputs=inputs, progress=progress, **common, **flags)
     return _finish(args, console, result, out, report_path, external)
 
 

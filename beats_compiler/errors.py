@@ -17,3 +17,10 @@ class VerificationError(BeatsError):
     """The compiled model does not compute the same function as the input."""
 
     exit_code = 1
+
+
+class TargetError(BeatsError):
+    """A valid model that the target's own toolchain (fp16 converter, quantizer,
+    QNN HTP backend) fails on: not bad input, not a bug of beats-compile."""
+
+    exit_code = 4

@@ -16,7 +16,7 @@ from passes.convert import ExternalDataError, check_external, open_external, rea
 from passes.graph import ComputedValues, is_computed_ref
 
 from .errors import InputError
-from .validate import Limits, read_model_file, validate_model
+from .validate import Limits, UnsortedGraph, read_model_file, sort_nodes, validate_model
 
 PROTOBUF_LIMIT = 2**31 - 1  # serialized protobuf messages cannot exceed 2 GB
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
@@ -31,6 +31,7 @@ class LoadedModel:
     # Set to a ``DataFolder`` (on the model's own folder) by a transformation
     # that computes tensors as they are written (insert, fold): it travels as base_dir.
     data_folder: DataFolder | None = None
+    notes: list[str] = field(default_factory=list)  # what loading mended (report warnings)
 
     @property
     def uses_external_data(self) -> bool:
@@ -109,7 +110,14 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
     read one tensor at a time when needed."""
     p = Path(path)
     model, size = read_model_file(p)
-    validate_model(model, limits or Limits(), str(p))
+    notes: list[str] = []
+    try:
+        validate_model(model, limits or Limits(), str(p))
+    except UnsortedGraph:
+        if not sort_nodes(model):
+            raise
+        validate_model(model, limits or Limits(), str(p))
+        notes.append("the input's nodes were not in topological order: sorted (ONNX Runtime sorts them too)")
     base = p.parent
     files: dict[Path, None] = {}
     tensors = list(_all_external_tensors(model))
@@ -130,7 +138,7 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
             t.raw_data = data
     total = size + sum(f.stat().st_size for f in files)
     _check(model, p)
-    return LoadedModel(model=model, path=p, file_bytes=total, external_files=list(files))
+    return LoadedModel(model=model, path=p, file_bytes=total, external_files=list(files), notes=notes)
 
 
 def serialized_size(model: onnx.ModelProto) -> int | None:

@@ -16,7 +16,7 @@ from passes import PassError, PassManager, to_graph, to_model
 from passes.convert import quiet, uses_external_refs
 
 from . import legality as legal
-from .errors import BeatsError, InputError
+from .errors import BeatsError, InputError, TargetError
 from .io import check_model, serialized_size
 from .report import ModelStats
 from .targets import PipelineOptions, TargetProfile, build_passes, check_disabled
@@ -70,8 +70,9 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
                     fold_size_limit, check_each_pass, measure_latency, progress, strict: bool, input_shapes,
                     calib, fp32_ops: Iterable[str], precompile: bool, activation_type: str, weight_type: str,
                     per_channel: bool, min_cosine: float | None, fold_memory_limit: int | None = None,
-                    soc_model: int | None = None):
+                    soc_model: int | None = None, bisect: bool = False):
     from .api import _as_loaded, _optimize
+    from . import bisect as bs
 
     t0 = time.perf_counter()
     say = _say(progress)
@@ -93,8 +94,6 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
     if profile.convert == "qdq" and (rtol is not None or atol is not None):
         raise InputError("--rtol/--atol: the npu target is checked by cosine similarity to fp32 (--min-cosine)")
     fp16_htp = activation_type == "float16"
-    if soc_model is not None and not fp16_htp:
-        raise InputError("--soc-model applies to --activation-type float16 (the HTP's fp16 mode) only")
     if fp16_htp and (per_channel or weight_type != "uint8"):
         raise InputError("--per-channel and --weight-type choose how weights are quantized: "
                          "--activation-type float16 quantizes nothing")
@@ -104,18 +103,24 @@ def compile_lowered(model, profile: TargetProfile, *, verify: bool, inputs, rtol
             raise InputError("--input-shape and --calib apply to the npu target only")
         base = _optimize(loaded if loaded is not None else original, profile, PipelineOptions(**base_opts),
                          verify=False, inputs=None, rtol=rtol, atol=atol, measure_latency=False, **common)
-        return _finish_fp16(base, original, loaded, profile, fp32_ops, verify=verify, inputs=inputs, rtol=rtol,
-                            atol=atol, max_rounds=max_rounds, measure_latency=measure_latency, strict=strict,
-                            say=say, t0=t0, disable=disable)
+        result = _finish_fp16(base, original, loaded, profile, fp32_ops, verify=verify, inputs=inputs, rtol=rtol,
+                              atol=atol, max_rounds=max_rounds, measure_latency=measure_latency, strict=strict,
+                              say=say, t0=t0, disable=disable)
+        return bs.for_fp16(result, bisect=bisect, original=original, loaded=loaded, profile=profile,
+                           options=PipelineOptions(**base_opts), disable=disable, max_rounds=max_rounds,
+                           fp32_ops=fp32_ops, inputs=inputs, say=say)
     from . import npu
 
     shapes, data = resolve_npu_inputs(original, input_shapes, calib, inputs)
     base = _optimize(loaded if loaded is not None else original, profile,
                      PipelineOptions(input_shapes=tuple(shapes.items()), **base_opts),
                      verify=False, inputs=None, rtol=rtol, atol=atol, measure_latency=False, **common)
-    return _finish_qdq(base, original, loaded, profile, data, verify=verify, strict=strict, precompile=precompile,
-                       activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
-                       min_cosine=min_cosine, soc_model=soc_model, say=say, t0=t0, npu=npu)
+    result = _finish_qdq(base, original, loaded, profile, data, verify=verify, strict=strict, precompile=precompile,
+                         activation_type=activation_type, weight_type=weight_type, per_channel=per_channel,
+                         min_cosine=min_cosine, soc_model=soc_model, say=say, t0=t0, npu=npu)
+    return bs.for_qdq(result, bisect=bisect, original=original, loaded=loaded, profile=profile,
+                      options=PipelineOptions(input_shapes=tuple(shapes.items()), **base_opts), disable=disable,
+                      max_rounds=max_rounds, samples=data.held_out, activation_type=activation_type, say=say)
 
 
 # --------------------------------------------------------------------------- gpu
@@ -132,17 +137,23 @@ def _finish_fp16(base, original, loaded, profile, fp32_ops, *, verify, inputs, r
     gpu.name_unnamed_casts(fp32)
     protected = gpu.cast_names(fp32)
     block = tuple(profile.fp32_ops) + fp32_ops
-    say("converting to fp16")
+    skip = gpu.conversion_skip_reason(fp32)
     t = time.perf_counter()
-    fp16 = gpu.to_fp16(fp32, block)
+    if skip:
+        fp16 = fp32
+        report.warnings.append(f"fp16 conversion skipped: {skip}")
+    else:
+        say("converting to fp16")
+        fp16 = gpu.to_fp16(fp32, block)
     convert_s = time.perf_counter() - t
     casts_after_convert = sum(1 for n in fp16.graph.node if n.op_type == "Cast")
     say("removing redundant casts")
     final, run = _run_post(fp16, profile, PipelineOptions(protected_casts=protected, drop_new_lossy_casts=True),
                            max_rounds, disable)
     _check(final, "fp16 result")
-    report.passes.append({"name": "convert_float_to_float16", "round": 0, "modified": True,
-                          "seconds": round(convert_s, 6), "stats": {"casts": casts_after_convert}})
+    report.passes.append({"name": "convert_float_to_float16", "round": 0, "modified": not skip,
+                          "seconds": round(convert_s, 6),
+                          "stats": {"skipped": skip} if skip else {"casts": casts_after_convert}})
     report.passes.extend(r.to_dict() for r in run.records)
     report.rounds += run.rounds
     report.converged = report.converged and run.converged
@@ -202,6 +213,23 @@ def _parse_dims(name: str, dims) -> list[int]:
     return out
 
 
+NPU_DIM_SIZES = (1, 16, 8, 4, 3)  # symbolic dims of --calib random: batch-like first, then sequence-like
+
+
+def _generated_shapes(original: onnx.ModelProto, missing) -> dict[str, list[int]]:
+    """Static shapes for the inputs in ``missing`` as verification's generated inputs
+    bind the model's symbolic dims (relations such as total = past + new kept)."""
+    from .inputs import InputGenerator
+    from .verify import _Session, pick_generated
+
+    ref = _Session(original, None)
+    try:
+        cand, _ = pick_generated(ref.sess, InputGenerator(ref.sess.get_inputs(), original, sizes=NPU_DIM_SIZES))
+    finally:
+        ref.close()
+    return {n: list(np.shape(cand.feeds[n])) for n in missing}
+
+
 def resolve_npu_inputs(original: onnx.ModelProto, input_shapes, calib, inputs):
     """Static shapes for every input (given, else from the calibration or
     verification samples) and the calibration/held-out split."""
@@ -234,6 +262,14 @@ def resolve_npu_inputs(original: onnx.ModelProto, input_shapes, calib, inputs):
             shapes[name] = list(np.shape(inputs[name]))
     missing = {n: [i for i, d in enumerate(dims or [None]) if d is None] for n, (_dt, dims) in ins.items()
                if n not in shapes}
+    if missing and arrays is None and inputs is None:  # --calib random: dims as generated inputs bind them
+        shapes.update(_generated_shapes(original, missing))
+        data_note = ("static shapes from generated inputs: "
+                     + ", ".join(f"{n}={','.join(map(str, shapes[n]))}" for n in missing)
+                     + " (choose with --input-shape)")
+        missing = {}
+    else:
+        data_note = None
     if missing:
         desc = "; ".join(f"{n} (dynamic dims {d})" for n, d in missing.items())
         raise InputError(f"the npu target needs static shapes: no size for {desc}; pass --input-shape NAME=D0,D1,...")
@@ -244,10 +280,23 @@ def resolve_npu_inputs(original: onnx.ModelProto, input_shapes, calib, inputs):
         samples = npu.random_samples(original, shapes, 20, seed=0)
         data = npu.make_calib(samples, "random")
         data.warnings.append("calibrated on random data (--calib random): accuracy on real inputs is unknown")
+        if data_note:
+            data.warnings.append(data_note)
     if inputs is not None:
         given = npu.split_samples(original, {k: np.asarray(v)[None] for k, v in inputs.items()}, shapes)
         data.held_out = given + data.held_out
     return shapes, data
+
+
+def _quantize(fp32, data, report, npu, activation_type, weight_type, per_channel):
+    t = time.perf_counter()
+    q = npu.quantize_qdq(fp32, data.calib, activation_type=activation_type, weight_type=weight_type,
+                         per_channel=per_channel)
+    _check(q.model, "quantized model")
+    stats = {"qnn_preprocessed": int(q.preprocessed), "calib_samples": q.calib_samples}
+    report.passes.append({"name": "quantize_qdq", "round": 0, "modified": True,
+                          "seconds": round(time.perf_counter() - t, 6), "stats": stats})
+    return q
 
 
 def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precompile, activation_type, weight_type,
@@ -263,14 +312,19 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
         data.held_out = data.calib + data.held_out  # no calibration: every sample checks accuracy
         data.calib = []
     else:
-        say("quantizing (QDQ)")
-        t = time.perf_counter()
-        q = npu.quantize_qdq(fp32, data.calib, activation_type=activation_type, weight_type=weight_type,
-                             per_channel=per_channel)
-        quant_s = time.perf_counter() - t
-        _check(q.model, "quantized model")
-        report.passes.append({"name": "quantize_qdq", "round": 0, "modified": True, "seconds": round(quant_s, 6),
-                              "stats": {"qnn_preprocessed": int(q.preprocessed), "calib_samples": q.calib_samples}})
+        form, node = npu.quantized_form(fp32)
+        if form == "integer":
+            raise InputError(f"the npu target quantizes float models: node '{node.name}' ({node.op_type}) is already "
+                             "quantized (dynamic or QLinear int8), which the QNN HTP cannot run; give the float model")
+        if form == "qdq":  # its own scales are kept: nothing to calibrate
+            q = npu.Quantized(fp32, False, "from the model", "from the model", False, 0)
+            data.held_out = data.calib + data.held_out
+            data.calib = []
+            data.warnings = [w for w in data.warnings if not w.startswith("calibrated on")]
+            report.warnings.append("the model is QDQ-quantized already: its scales are kept (no calibration)")
+        else:
+            say("quantizing (QDQ)")
+            q = _quantize(fp32, data, report, npu, activation_type, weight_type, per_channel)
     _update_after(report, q.model)
     report.warnings.extend(data.warnings)
     fp32_reasons = legal.node_reasons(fp32, profile)
@@ -304,7 +358,17 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
         report.seconds = round(time.perf_counter() - t0, 4)
         return base
     say("placing nodes on the QNN HTP backend")
-    sess, place = npu.placement(q.model, provider)
+    try:
+        sess, place = npu.placement(q.model, provider)
+    except npu.QnnSessionError as exc:
+        if not exc.capacity:
+            raise
+        say("finding the node the QNN HTP cannot take")
+        node = npu.capacity_culprit(q.model, provider)
+        where = f"node '{node.name}' ({node.op_type})" if node is not None else "a node it does not name"
+        more = "" if fp16_htp else "; try --activation-type float16 (the HTP's fp16 mode)"
+        raise TargetError(f"the QNN HTP cannot finalize its graph at {where}: out of HTP memory or resources"
+                          f"{more}") from None
     leg = legal.from_placement(q.model, place, profile, fp32_reasons, strict)
     report.legality = leg.to_dict()
     if verify:

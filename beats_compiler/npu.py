@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputError
+from .errors import InputError, TargetError
 from .verify import load_inputs, short_message
 
 EP_NAME = "QNNExecutionProvider"
@@ -40,15 +40,24 @@ DEFAULT_SOC_MODEL = 60
 def htp_options(fp16: bool = False, soc_model: int | None = None) -> dict[str, str]:
     """Provider options of the QNN HTP sessions for a QDQ model, or for a float
     model run in fp16 on the HTP (which needs the SoC model)."""
-    opts = {"backend_type": "htp"}
+    opts = {"backend_type": "htp", "soc_model": str(DEFAULT_SOC_MODEL if soc_model is None else int(soc_model))}
     if fp16:
         opts["enable_htp_fp16_precision"] = "1"
-        opts["soc_model"] = str(DEFAULT_SOC_MODEL if soc_model is None else int(soc_model))
     return opts
 
 
 class QnnUnavailable(InputError):
     """onnxruntime-qnn is missing or cannot start its HTP backend here."""
+
+
+class QnnSessionError(TargetError):
+    """The QNN HTP backend refuses a (valid) model when it builds its graph."""
+
+    @property
+    def capacity(self) -> bool:
+        """Finalizing the HTP graph failed (memory or resource limits): a node too big for it."""
+        text = str(self)
+        return "finalize" in text.lower() or "MEM_ALLOC" in text
 
 
 def qnn_available() -> tuple[bool, str]:
@@ -149,23 +158,11 @@ def split_samples(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray],
 
 def random_samples(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], count: int, seed: int,
                    int_high: int = 4) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    ins = graph_inputs(model)
-    out = []
-    for _ in range(count):
-        feed = {}
-        for name, (dt, _dims) in ins.items():
-            shape = tuple(shapes[name])
-            if dt.kind == "f":
-                feed[name] = rng.standard_normal(shape).astype(dt)
-            elif dt.kind in "iu":
-                feed[name] = rng.integers(0, int_high, size=shape).astype(dt)
-            elif dt.kind == "b":
-                feed[name] = rng.integers(0, 2, size=shape).astype(bool)
-            else:
-                raise InputError(f"cannot generate random calibration data for input {name!r} of type {dt}")
-        out.append(feed)
-    return out
+    """``--calib random``: values as verification generates them (``inputs.random_samples``:
+    masks 0/1, indices inside their tables, floats N(0, 1)); ``int_high`` is unused."""
+    from .inputs import random_samples as generated
+
+    return generated(model, shapes, count, seed, {name: dt for name, (dt, _dims) in graph_inputs(model).items()})
 
 
 def make_calib(samples: list[dict[str, np.ndarray]], source: str) -> CalibData:
@@ -227,6 +224,25 @@ class Quantized:
     calib_samples: int
 
 
+# Quantized-model ops the QNN HTP does not take: dynamic quantization and the
+# operator-oriented (QLinear*) format; static QDQ models it takes as they are.
+_INTEGER_OPS = frozenset({"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "QLinearConv", "QLinearMatMul",
+                          "QLinearAdd", "QLinearMul", "QGemm", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+                          "QAttention", "DynamicQuantizeLSTM"})
+
+
+def quantized_form(model: onnx.ModelProto) -> tuple[str, onnx.NodeProto | None]:
+    """("float", None), ("qdq", None) for a model that quantizes activations with
+    QuantizeLinear/DequantizeLinear pairs already, or ("integer", first node) for
+    dynamic or QLinear quantization."""
+    has_q = False
+    for n in model.graph.node:
+        if n.op_type in _INTEGER_OPS:
+            return "integer", n
+        has_q = has_q or n.op_type == "QuantizeLinear"
+    return ("qdq" if has_q else "float"), None
+
+
 def quantize_qdq(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]], *, activation_type: str = "uint8",
                  weight_type: str = "uint8", per_channel: bool = False) -> Quantized:
     """QNN preprocessing, then static QDQ quantization with a QNN config."""
@@ -270,7 +286,7 @@ def quantize_qdq(model: onnx.ModelProto, calib: list[dict[str, np.ndarray]], *, 
     except InputError:
         raise
     except Exception as exc:
-        raise InputError(f"quantization failed: {short_message(exc)}") from None
+        raise TargetError(f"onnxruntime's quantizer failed: {short_message(exc)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return Quantized(q, bool(changed), activation_type, weight_type, per_channel, len(calib))
@@ -363,7 +379,7 @@ def qnn_session(model: onnx.ModelProto | str | os.PathLike, *, config: Mapping[s
         else:
             err = None
     if err is not None:
-        raise QnnUnavailable(f"QNN HTP session failed: {short_message(err)}")
+        raise QnnSessionError(f"QNN HTP session failed: {short_message(err)}")
     return sess, log[0]
 
 
@@ -412,6 +428,55 @@ def placement(model: onnx.ModelProto, provider: Mapping[str, str] | None = None)
     return QuietSession(sess), Placement(nodes, names, inserted, reasons, notes)
 
 
+def _prefix(model: onnx.ModelProto, k: int, types: Mapping[str, int]) -> onnx.ModelProto:
+    """The first ``k`` nodes of ``model`` (topologically sorted), every tensor
+    they hand on to later nodes or to the graph's outputs made an output."""
+    g = model.graph
+    nodes = list(g.node[:k])
+    later = {i for n in g.node[k:] for i in n.input} | {o.name for o in g.output}
+    outs = [o for n in nodes for o in n.output if o in later] or [o for o in nodes[-1].output if o]
+    graph = onnx.helper.make_graph(
+        nodes, "prefix", list(g.input),
+        [onnx.helper.make_tensor_value_info(o, types.get(o, onnx.TensorProto.FLOAT), None) for o in outs],
+        list(g.initializer))
+    return onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+
+
+def capacity_culprit(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> onnx.NodeProto | None:
+    """The node whose addition makes the HTP graph fail to finalize: binary
+    search over topological prefixes of the QDQ model (a Q or DQ node found
+    is mapped to the compute node it quantizes)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+
+    def fails(k: int) -> bool:
+        try:
+            qnn_session(_prefix(model, k, types), provider=provider)
+        except QnnSessionError as exc:
+            return exc.capacity
+        except Exception:
+            return False
+        return False
+
+    nodes = list(model.graph.node)
+    if not nodes or not fails(len(nodes)):
+        return None
+    lo, hi = 0, len(nodes)  # prefix(lo) builds, prefix(hi) fails
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid
+    node = nodes[hi - 1]
+    if node.op_type == "QuantizeLinear":  # the output Q of the node that failed
+        node = next((n for n in nodes if node.input[0] in n.output), node)
+    elif node.op_type == "DequantizeLinear":
+        node = next((n for n in nodes if node.output[0] in n.input), node)
+    return node
+
+
 def precompile(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> bytes:
     """An EPContext model embedding the compiled QNN HTP context binary."""
     tmp = tempfile.mkdtemp(prefix="beats-ctx-")
@@ -455,6 +520,24 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a64, b64) / (na * nb))
 
 
+# A reference this small (largest |value|) has no direction worth a cosine (random-init
+# outputs of ~1e-14): it is compared by absolute difference instead.
+NEAR_ZERO = 1e-6
+NEAR_ZERO_ATOL = 1e-3
+
+
+def similarity(ref: np.ndarray, got: np.ndarray) -> tuple[float, str]:
+    """Cosine of ``got`` to ``ref``; for a near-zero reference 1.0 when every value is
+    within NEAR_ZERO_ATOL of it (else 0.0), with a note saying so."""
+    r64 = np.asarray(ref, dtype=np.float64)
+    if r64.size and np.isfinite(r64).all() and np.abs(r64).max() <= NEAR_ZERO:
+        diff = float(np.abs(np.asarray(got, dtype=np.float64) - r64).max())
+        ok = diff <= NEAR_ZERO_ATOL
+        return (1.0 if ok else 0.0), (f"reference ~0 (max |x| <= {NEAR_ZERO:g}): compared by absolute difference "
+                                      f"{diff:.3g} {'<=' if ok else '>'} {NEAR_ZERO_ATOL:g}")
+    return cosine(ref, got), ""
+
+
 def accuracy(ref_sess, out_names: list[str], qdq_sess, held_out: list[dict[str, np.ndarray]]) -> dict:
     """Per output: worst and mean cosine over held-out samples; top-1 agreement
     along the last axis for outputs shaped like class scores ([N, C], C > 1)."""
@@ -469,7 +552,10 @@ def accuracy(ref_sess, out_names: list[str], qdq_sess, held_out: list[dict[str, 
                 row["cosines"].append(0.0)
                 row["detail"] = f"shape {list(r.shape)} became {list(g.shape)}"
                 continue
-            row["cosines"].append(cosine(r, g))
+            score, note = similarity(r, g)
+            row["cosines"].append(score)
+            if note:
+                row["detail"] = note
             if r.ndim == 2 and r.shape[-1] > 1 and r.dtype.kind == "f":  # class scores [N, C]
                 ra = r.reshape(-1, r.shape[-1]).argmax(-1)
                 ga = g.reshape(-1, g.shape[-1]).argmax(-1)

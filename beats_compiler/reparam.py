@@ -86,6 +86,7 @@ def insert(
     atol: float = INSERT_ATOL,
     measure_latency: bool = True,
     progress: Progress | None = None,
+    bisect: bool = False,
 ) -> CompileResult:
     """Insert D/V for the weights ``policy`` selects.  An already inserted
     weight is left alone; a selection that matches nothing is an
@@ -123,7 +124,7 @@ def insert(
         )
 
     return transform(model, "insert", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
-                     measure_latency=measure_latency, progress=progress)
+                     measure_latency=measure_latency, progress=progress, bisect=bisect)
 
 
 def _streamed(model) -> tuple[object, DataFolder | None]:
@@ -186,6 +187,7 @@ def fold(
     atol: float | None = None,
     measure_latency: bool = True,
     progress: Progress | None = None,
+    bisect: bool = False,
 ) -> CompileResult:
     """Fold ``W0 + D (.) V`` into each reparameterized weight.
 
@@ -233,7 +235,7 @@ def fold(
         return _Edit(reparam={"folded": folded}, reference=reference)
 
     return transform(model, "fold", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
-                     measure_latency=measure_latency, progress=progress)
+                     measure_latency=measure_latency, progress=progress, bisect=bisect)
 
 
 def unfold(
@@ -246,6 +248,7 @@ def unfold(
     atol: float | None = None,
     measure_latency: bool = True,
     progress: Progress | None = None,
+    bisect: bool = False,
 ) -> CompileResult:
     """Re-insert an adapter's D/V into a folded model to continue training:
     each weight becomes ``W - D (.) V`` plus the inserted D/V."""
@@ -261,7 +264,7 @@ def unfold(
         return _Edit(reparam={"unfolded": [r.weight for r in records]})
 
     return transform(model, "unfold", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
-                     measure_latency=measure_latency, progress=progress)
+                     measure_latency=measure_latency, progress=progress, bisect=bisect)
 
 
 class Adapter:

@@ -91,12 +91,54 @@ class CompileReport:
     legality: dict | None = None
     # gpu/npu: what the lowering did (fp32 ops kept, quantization, accuracy, precompile)
     target_details: dict | None = None
+    # When verification failed (or on request, --bisect): the first pass whose output
+    # differs and the node of that output (beats_compiler.bisect); None when not searched.
+    culprit: dict | None = None
+
+    @property
+    def verify_inputs_generated(self) -> dict[str, str]:
+        """How each generated verification input was made (``{input: "int64 [2,7] mask 0/1,
+        mostly 1 (Cast to bool)", ..., "<dims>": "batch=2, seq=3; ..."}``); empty for the
+        user's inputs.  Carried by ``verify_inputs`` (``inputs.InputShapes``), so every
+        path that copies a verification's shapes into the report carries it too."""
+        return dict(getattr(self.verify_inputs, "generated", None) or {})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["verify_inputs_generated"] = self.verify_inputs_generated
+        return out
 
     def to_json(self) -> str:
         return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False, default=_jsonable)
+
+    def failure_line(self) -> str:
+        """One line for a failed verification: the worst output and, when
+        known, the culprit pass and node (``verification failed: ...``)."""
+        bad = [o for o in self.outputs if not o.get("ok", True)]
+        npu = self.target == "npu" and self.command == "compile"
+        leg = self.legality or {}
+        if not bad and leg.get("strict") and not leg.get("ok"):
+            text = "--strict: a node falls back off the target's provider"
+        elif bad:
+            worst = max(bad, key=lambda o: _num(o.get("max_abs_diff")))
+            name = _short(worst.get("name"))
+            if worst.get("name", "").startswith("<"):  # <session>, <run>: the result did not run
+                text = ("the result fails on ONNX Runtime" if self.culprit and self.culprit.get("pass")
+                        else _short(worst.get("detail") or "the result does not run on ONNX Runtime", 140))
+            elif npu:
+                cos = 1.0 - _num(worst.get("max_abs_diff"))
+                bar = (self.target_details or {}).get("min_cosine")
+                text = f"cosine {cos:.4f}" + (f" < {bar}" if bar is not None else "") + f" on '{name}'"
+            else:
+                text = f"max abs diff {_fmt(worst.get('max_abs_diff'))} on '{name}'"
+                if worst.get("detail"):
+                    text += f" ({_short(worst['detail'], 60)})"
+        else:
+            text = "the result does not match the original"
+        c = self.culprit
+        if c and c.get("message"):
+            text += "; " + c["message"]
+        return "verification failed: " + " ".join(text.split())
 
     def pass_totals(self) -> dict[str, dict]:
         """Per pass name: rounds it modified the graph, seconds, summed stats."""
@@ -107,6 +149,23 @@ class CompileReport:
             row["seconds"] += p["seconds"]
             row["stats"].update(p["stats"])
         return out
+
+
+def _num(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.inf
+
+
+def _fmt(v) -> str:
+    x = _num(v)
+    return f"{x:.3g}" if math.isfinite(x) else "inf"
+
+
+def _short(text, limit: int = 40) -> str:
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _jsonable(o):

@@ -10,7 +10,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 import onnx
@@ -18,28 +18,13 @@ import onnx
 from .errors import InputError
 from passes.convert import uses_external_refs
 
+from .inputs import ORT_TYPES as _ORT_TYPES  # noqa: F401  (re-exported: older imports)
+from .inputs import InputGenerator, InputShapes, _bind_dims, _random, generate_inputs, integer_bounds  # noqa: F401
 from .io import needs_external_data, save_model
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
-
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int8)": np.int8,
-    "tensor(int16)": np.int16,
-    "tensor(int32)": np.int32,
-    "tensor(int64)": np.int64,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-    "tensor(string)": np.str_,
-}
-
 
 @dataclass
 class OutputDiff:
@@ -69,6 +54,8 @@ class Verification:
     outputs: list[OutputDiff]
     latency_ms_before: float | None
     latency_ms_after: float | None
+    # the shapes of the inputs used; for generated ones an ``InputShapes`` whose
+    # ``generated`` says how each was made (``inputs.InputGenerator.describe``)
     inputs: dict[str, list[int]] = field(default_factory=dict)
     input_source: str = "generated"
 
@@ -113,95 +100,6 @@ class _Session:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-
-def _bind_dims(inputs, sizes: Sequence[int]) -> dict[str, list[int]]:
-    symbols: dict[str, int] = {}
-    shapes = {}
-    for inp in inputs:
-        dims = []
-        for d in inp.shape:
-            if isinstance(d, int) and d >= 0:
-                dims.append(d)
-            else:
-                key = d if isinstance(d, str) and d else f"?{len(symbols)}"
-                if key not in symbols:
-                    symbols[key] = sizes[min(len(symbols), len(sizes) - 1)]
-                dims.append(symbols[key])
-        shapes[inp.name] = dims
-    return shapes
-
-
-# Ops whose first input reaches their output element for element (indices stay indices).
-_INDEX_PASS_THROUGH = frozenset("Cast Unsqueeze Squeeze Reshape Flatten Identity Expand Slice Transpose".split())
-
-
-def integer_bounds(model: onnx.ModelProto) -> dict[str, int]:
-    """For each integer graph input used as Gather/GatherElements indices (directly or
-    through reshapes and casts), the size of the smallest table axis it indexes: generated
-    inputs stay below it (token ids of an embedding, BERT's 2-row token_type_ids)."""
-    g = model.graph
-    dims: dict[str, list] = {t.name: list(t.dims) for t in g.initializer}
-    for vi in list(g.value_info) + list(g.input):
-        tt = vi.type.tensor_type
-        if vi.name not in dims and vi.type.HasField("tensor_type") and tt.HasField("shape"):
-            dims[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-    readers: dict[str, list] = {}
-    for node in g.node:
-        for slot, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, slot))
-    bounds: dict[str, int] = {}
-    for inp in g.input:
-        elem = inp.type.tensor_type.elem_type
-        if not elem or np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem)).kind not in "iu":
-            continue
-        todo, seen, best = [inp.name], set(), None
-        while todo:
-            t = todo.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            for node, slot in readers.get(t, []):
-                if node.domain not in ("", "ai.onnx"):
-                    continue
-                if node.op_type in ("Gather", "GatherElements") and slot == 1:
-                    table = dims.get(node.input[0])
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                    if table and -len(table) <= axis < len(table) and isinstance(table[axis], int) and table[axis] > 0:
-                        best = table[axis] if best is None else min(best, table[axis])
-                elif node.op_type in _INDEX_PASS_THROUGH and slot == 0:
-                    todo.extend(o for o in node.output if o)
-        if best is not None:
-            bounds[inp.name] = best
-    return bounds
-
-
-def _random(dtype, shape, rng: np.random.Generator, high: int = 4) -> np.ndarray:
-    dt = np.dtype(dtype)
-    if dt.kind == "f":
-        return rng.standard_normal(shape).astype(dt)
-    if dt.kind in "iu":
-        return rng.integers(0, max(1, high), size=shape).astype(dt)
-    if dt.kind == "b":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    if dt.kind in "US":
-        return np.full(shape, "a", dtype=object)
-    raise InputError(f"cannot generate inputs of type {dt}")
-
-
-def generate_inputs(sess, sizes: Sequence[int], seed: int = 0,
-                    bounds: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Random inputs for ``sess``: floats ~ N(0, 1), integers in 0..3 (below ``bounds[name]``
-    where the model indexes a smaller table with them), symbolic dims bound to ``sizes``."""
-    rng = np.random.default_rng(seed)
-    shapes = _bind_dims(sess.get_inputs(), sizes)
-    bounds = bounds or {}
-    feeds = {}
-    for inp in sess.get_inputs():
-        if inp.type not in _ORT_TYPES:
-            raise InputError(f"input {inp.name!r} has type {inp.type}; pass --inputs to verify this model")
-        feeds[inp.name] = _random(_ORT_TYPES[inp.type], shapes[inp.name], rng, min(4, bounds.get(inp.name, 4)))
-    return feeds
 
 
 def _compare(name: str, a: Any, b: Any, rtol: float, atol: float) -> OutputDiff:
@@ -301,9 +199,11 @@ def verify(
                                         f"ONNX Runtime cannot load the compiled model: {short_message(exc)}")],
                             None, None)
     try:
-        bounds = integer_bounds(original if original is not None else result) if inputs is None else {}
+        gen = None
+        if inputs is None:
+            gen = InputGenerator(s_orig.sess.get_inputs(), _analysis_model(original, original_path, result), seed)
         return _verify_sessions(s_orig.sess, s_new.sess, inputs, rtol, atol, measure_latency, latency_budget_s,
-                                latency_runs, seed, bounds)
+                                latency_runs, seed, generator=gen)
     finally:
         s_orig.close()
         s_new.close()
@@ -326,9 +226,72 @@ def short_message(exc: BaseException, limit: int = SHORT_LIMIT) -> str:
     return text or type(exc).__name__
 
 
+_ANALYSIS_FILE_LIMIT = 64 << 20  # re-read an original given by path for analysis up to this size
+
+
+def _analysis_model(original, original_path, result) -> onnx.ModelProto:
+    """The graph whose use of each input decides the generated values: the original
+    (re-read without external data when only its path is at hand and it is small),
+    else the result (the same function, the same inputs)."""
+    if original is not None:
+        return original
+    if original_path is not None:
+        try:
+            if Path(original_path).stat().st_size <= _ANALYSIS_FILE_LIMIT:
+                return onnx.load(str(original_path), load_external_data=False)
+        except Exception:
+            pass
+    return result
+
+
+def _finite(outputs) -> bool:
+    for o in outputs:
+        if isinstance(o, (list, tuple)):
+            if not _finite(o):
+                return False
+        elif isinstance(o, dict):
+            if not _finite(list(o.values())):
+                return False
+        else:
+            a = np.asarray(o)
+            if a.dtype.kind in "fc" and not np.all(np.isfinite(a)):
+                return False
+    return True
+
+
+def pick_generated(so, generator: InputGenerator):
+    """The first candidate input set (see ``InputGenerator.candidates``) on which the
+    original session runs with finite outputs, else the first on which it runs at
+    all: ``(candidate, expected outputs)``.  ``InputError`` (one line, naming an input)
+    when it fails on every candidate."""
+    errors: list[str] = []
+    fallback = None
+    for cand in generator.candidates():
+        try:
+            out = so.run(None, cand.feeds)
+        except Exception as exc:
+            errors.append(" ".join(str(exc).split()))
+            continue
+        if _finite(out):
+            return cand, out
+        if fallback is None:
+            fallback = (cand, out)
+    if fallback is not None:
+        fallback[0].notes.append("outputs not finite on any generated input")
+        return fallback
+    raise generator.failure(errors)
+
+
+def _shapes(feeds, generated: dict[str, str] | None = None) -> InputShapes:
+    out = InputShapes({k: list(np.shape(v)) for k, v in feeds.items()})
+    out.generated = dict(generated or {})
+    return out
+
+
 def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, seed,
-                     bounds: Mapping[str, int] | None = None) -> Verification:
+                     bounds: Mapping[str, int] | None = None, generator: InputGenerator | None = None) -> Verification:
     names = [i.name for i in so.get_inputs()]
+    extra_run = None
     if inputs is not None:
         missing = [n for n in names if n not in inputs]
         extra = [n for n in inputs if n not in names and n not in _overridable(so)]
@@ -340,34 +303,53 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
                 + (f"unknown {', '.join(extra)}" if extra else "")
                 + f" (model inputs: {', '.join(names)})"
             )
-        candidates = [("user", dict(inputs))]
+        feeds = dict(inputs)
+        try:
+            expected = so.run(None, feeds)
+        except Exception as exc:
+            raise InputError(f"cannot verify: the original model fails on ONNX Runtime with these inputs "
+                             f"({short_message(exc)}); pass --inputs or use --no-verify") from None
+        input_source, described = "user", {}
     else:
-        candidates = [("generated", None)]
-    feeds = None
-    expected = None
-    errors = []
-    for source, given in candidates:
-        for sizes in ((2, 3, 4, 5, 6), (2,), (1,)) if given is None else ((),):
-            feeds = given if given is not None else generate_inputs(so, sizes, seed, bounds)
+        if generator is None:
+            generator = InputGenerator(so.get_inputs(), None, seed)
+        cand, expected = pick_generated(so, generator)
+        feeds, input_source = cand.feeds, "generated"
+        note = None
+        zero = generator.zero_past(cand)
+        if zero is not None:
             try:
-                expected = so.run(None, feeds)
-                break
+                zero_expected = so.run(None, zero.feeds)
+                extra_run = (zero, zero_expected)
+                note = ", ".join(zero.zero) + " = 0 also verified (empty KV cache)"
             except Exception as exc:
-                errors.append(short_message(exc))
-                expected = None
-        if expected is not None:
-            input_source = source
-            break
-    if expected is None:
-        raise InputError(f"cannot verify: the original model fails on ONNX Runtime with these inputs ({errors[-1]}); pass --inputs or use --no-verify")
+                note = ", ".join(zero.zero) + f" = 0 not verified: the original fails ({short_message(exc, 80)})"
+        described = generator.describe(cand, note)
+        if cand.notes:
+            described["<note>"] = "; ".join(filter(None, [described.get("<note>")] + cand.notes))
+    shapes = _shapes(feeds, described)
     out_names = [o.name for o in so.get_outputs()]
     try:
         got = sn.run(out_names, feeds)
     except Exception as exc:
         diff = OutputDiff("<run>", False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: {short_message(exc)}")
-        return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None,
-                            {k: list(np.shape(v)) for k, v in feeds.items()}, input_source)
+        return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None, shapes, input_source)
     diffs = [_compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, expected, got)]
+    if extra_run is not None:
+        zero, zero_expected = extra_run
+        label = ", ".join(zero.zero) + " = 0"
+        try:
+            zero_got = sn.run(out_names, zero.feeds)
+            more = [_compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, zero_expected, zero_got)]
+        except Exception as exc:
+            more = [OutputDiff(n, False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: "
+                                                                       f"{short_message(exc)}") for n in out_names]
+        for d in more:
+            if d.detail:
+                d.detail = f"{d.detail} (with {label})"
+            elif not d.ok:
+                d.detail = f"with {label}"
+        diffs = [_merge(d.name, [d, m]) for d, m in zip(diffs, more)]
     ok = all(d.ok for d in diffs)
     lat_b = lat_a = None
     if measure_latency:
@@ -381,7 +363,7 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
         outputs=diffs,
         latency_ms_before=lat_b,
         latency_ms_after=lat_a,
-        inputs={k: list(np.shape(v)) for k, v in feeds.items()},
+        inputs=shapes,
         input_source=input_source,
     )
 

@@ -1,8 +1,10 @@
 """Preparation for integer (QDQ) targets.
 
 ``BoundInfiniteConstants``: exporters write attention masks as
-``Where(mask, 0, -inf)``; a quantizer cannot give -inf a scale, and the QNN
-HTP refuses the graph.  The scalar fill values of a Where that are +-inf get
+``Where(mask, 0, -inf)`` (or a finite stand-in: float32's lowest value,
+-65504, -10000); a quantizer cannot give -inf a scale, and a finite one
+spends the whole quantized range on it.  The scalar fill values of a Where
+that are +-inf or at least 1e4 in magnitude get
 +-``limit`` instead (default 100: added to attention scores before Softmax,
 exp(-100) is below fp32's normal range, so the masked weights stay ~0; a
 larger value would spend the quantized range of the masked scores on the
@@ -13,12 +15,16 @@ other change.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
 from .graph import const_dtype, const_nbytes, const_value, iter_graphs
 
 _SMALL = 64  # bytes: masks' fill values are scalars
+# Fill values this large act as -inf: torch.finfo(float32).min (Llama, dynamo exports),
+# fp16's -65504, BERT's -10000.
+_HUGE = 1e4
 
 
 class BoundInfiniteConstants(Pass):
@@ -32,9 +38,10 @@ class BoundInfiniteConstants(Pass):
         if dt is None or dt.kind != "f" or const_nbytes(c) > _SMALL:
             return False
         v = const_value(c)
-        if not np.isinf(v).any():
+        huge = np.abs(v.astype(np.float64)) >= _HUGE
+        if not huge.any():
             return False
-        c.values = np.where(np.isinf(v), np.sign(v) * self.limit, v).astype(v.dtype)
+        c.values = np.where(huge, np.sign(v) * self.limit, v).astype(v.dtype)
         return True
 
     def call(self, graph: gs.Graph) -> PassResult:
@@ -134,3 +141,75 @@ class DropNanGuards(Pass):
                 if bypass(g, node, s, node.outputs[0]):
                     done += 1
         return PassResult(bool(done), {"nan_guards_dropped": done} if done else {})
+
+
+
+def _is_cast(node: gs.Node, to: int) -> bool:
+    return node.op == "Cast" and node.attrs.get("to") == to
+
+
+def _swap(tensors, old, new) -> None:
+    for j, t in enumerate(tensors):
+        if t is old:
+            tensors[j] = new
+
+
+class UpcastFloat16(Pass):
+    """An fp16 model becomes fp32 inside (weights, Casts to fp16, Constant and
+    ConstantOfShape values, tensor types), its fp16 graph inputs and outputs
+    kept through a Cast at each edge.  For the npu target, which quantizes from
+    fp32: onnxruntime's quantizer gives an fp16 model fp16 scales, which
+    DequantizeLinear takes only from opset 19 (and the HTP not at all).
+    Exact: every fp16 value is an fp32 value; an op computed in fp32 instead of
+    fp16 rounds less, which the verification against the fp16 original measures."""
+
+    name = "upcast_float16"
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        from .graph import NameScope
+
+        changed = 0
+        for g in iter_graphs(graph):
+            for t in g.tensors().values():
+                if isinstance(t, gs.Constant) and t.dtype == np.float16:
+                    t.values = np.asarray(const_value(t), dtype=np.float32)
+                    changed += 1
+            edge = {id(t) for t in graph.outputs} if g is graph else set()
+            for node in g.nodes:
+                if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT16 \
+                        and not any(id(t) in edge for t in node.outputs):  # the casts back at the outputs stay
+                    node.attrs["to"] = onnx.TensorProto.FLOAT
+                    changed += 1
+                for key, value in list(node.attrs.items()):
+                    if isinstance(value, gs.Constant) and value.dtype == np.float16:
+                        node.attrs[key] = gs.Constant(value.name, np.asarray(const_value(value), np.float32))
+                        changed += 1
+            for t in g.tensors().values():
+                if isinstance(t, gs.Variable) and t.dtype == np.float16 and t not in g.inputs \
+                        and not (g is graph and t in g.outputs):
+                    t.dtype = np.float32
+        names = NameScope(graph)
+        edges = 0
+        for i, x in enumerate(graph.inputs):
+            readers = [n for n in graph.nodes if any(t is x for t in n.inputs)]
+            if x.dtype != np.float16 or all(_is_cast(n, onnx.TensorProto.FLOAT) for n in readers):
+                continue
+            x32 = gs.Variable(names.fresh(f"{x.name}_fp32"), np.float32, x.shape)
+            for reader in graph.nodes:
+                _swap(reader.inputs, x, x32)
+            graph.nodes.insert(0, gs.Node("Cast", names.fresh(f"{x.name}_to_fp32"), {"to": onnx.TensorProto.FLOAT},
+                                          [x], [x32]))
+            edges += 1
+        for i, y in enumerate(graph.outputs):
+            if y.dtype != np.float16 or any(_is_cast(n, onnx.TensorProto.FLOAT16) for n in y.inputs):
+                continue
+            y32 = gs.Variable(names.fresh(f"{y.name}_fp32"), np.float32, y.shape)
+            for node in graph.nodes:
+                _swap(node.outputs, y, y32)
+                _swap(node.inputs, y, y32)
+            graph.nodes.append(gs.Node("Cast", names.fresh(f"{y.name}_to_fp16"), {"to": onnx.TensorProto.FLOAT16},
+                                       [y32], [y]))
+            edges += 1
+        if not changed and not edges:
+            return PassResult(False)
+        return PassResult(True, {"fp16_values_upcast": changed, "edge_casts": edges})

@@ -379,8 +379,9 @@ def generate_here(*, inserted_model: str, out_dir: str, loss: str, output: str |
         except Exception as exc:
             from .worker import TrainingInternalError
 
-            raise TrainingInternalError(f"ORT training could not generate the artifacts: "
-                                        f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}") from exc
+            from ..verify import short_message
+
+            raise TrainingInternalError(f"ORT training could not generate the artifacts: {short_message(exc)}") from exc
         for f in ("legal.onnx", "legal.onnx.data"):
             if (tmp / f).exists():
                 (tmp / f).unlink()

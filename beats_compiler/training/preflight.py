@@ -460,8 +460,78 @@ def _identity_source(name: str, identity: dict[str, str]) -> str:
     return name
 
 
+def _read_frozen_directly(model: onnx.ModelProto, trainable: list[str]) -> tuple[onnx.ModelProto, list[str]]:
+    """Nodes reading a frozen initializer through Identity (T5's tied norm weights)
+    read it directly, and the Identity goes; a frozen elementwise operand with
+    several readers gets a copy per reader.  ORT's gradient builders name the
+    gradient of such an operand after it, once per reader ("Duplicate definition")."""
+    g = model.graph
+    frozen = {t.name for t in g.initializer} - set(trainable)
+    outputs = {o.name for o in g.output}
+    source = {n.output[0]: n.input[0] for n in g.node
+              if n.op_type == "Identity" and n.domain in ("", "ai.onnx") and len(n.input) == 1 and len(n.output) == 1
+              and n.input[0] in frozen and n.output[0] not in outputs}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n in out.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in source)]
+    for n in keep:
+        for i, x in enumerate(n.input):
+            if x in source:
+                n.input[i] = source[x]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    # ... and a frozen elementwise operand read by several nodes gets a private copy per reader:
+    # ORT's elementwise gradient builders also name a frozen operand's gradient after it.
+    inits = {t.name: t for t in out.graph.initializer}
+    taken = set(inits) | {o for n in out.graph.node for o in n.output}
+    seen: set[str] = set()
+    copies = 0
+    for n in out.graph.node:
+        if n.op_type not in _ELEMENTWISE or n.domain not in ("", "ai.onnx"):
+            continue
+        for i, x in enumerate(n.input):
+            t = inits.get(x)
+            if t is None or x not in frozen or _init_bytes(t) > _UNTIE_MAX_BYTES:
+                continue
+            if x not in seen:
+                seen.add(x)
+                continue
+            k = 1
+            while f"{x}__{k}" in taken:
+                k += 1
+            copy = onnx.TensorProto()
+            copy.CopyFrom(t)
+            copy.name = n.input[i] = f"{x}__{k}"
+            taken.add(copy.name)
+            out.graph.initializer.append(copy)
+            copies += 1
+    if not source and not copies:
+        return model, []
+    fixes = []
+    if source:
+        fixes.append(f"{len(source)} Identity node(s) sharing frozen weight(s) {_names(sorted(set(source.values())))}: "
+                     "their readers read the weight directly")
+    if copies:
+        fixes.append(f"{copies} private copies of frozen elementwise operands read by several nodes (ORT's gradient "
+                     "builders would define their gradients twice)")
+    return out, fixes
+
+
+_ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
+_UNTIE_MAX_BYTES = 1 << 20
+
+
+def _init_bytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * 8
+
+
 def _legalize(model: onnx.ModelProto, trainable: list[str], base_dir: str | None) -> tuple[onnx.ModelProto, list[str]]:
-    """Run the LayerNormalization legalization passes when some node needs them."""
+    """Run the LayerNormalization legalization passes when some node needs them
+    (after frozen weights shared through Identity are read directly)."""
+    model, direct = _read_frozen_directly(model, trainable)
     need_out, need_bias, shared = [], [], []
     identity = {
         n.output[0]: n.input[0]
@@ -486,14 +556,14 @@ def _legalize(model: onnx.ModelProto, trainable: list[str], base_dir: str | None
                 if readers[src] > 1:
                     shared.append(_label(n, i))
     if not need_out and not need_bias and not shared:
-        return model, []
+        return model, direct
     with quiet():
         graph, env = to_graph(model, base_dir)
         r_untie = UntieLayerNormParams(exclude=trainable)(graph)
         r_out = AddLayerNormStatOutputs()(graph)
         r_bias = AddLayerNormBias()(graph)
         result = to_model(graph, env)
-    fixes = []
+    fixes = list(direct)
     if r_out.modified:
         fixes.append(
             f"LayerNormalization {_names(need_out)}: added Mean/InvStdDev outputs "

@@ -589,7 +589,8 @@ CASES: list[Case] = [
     Case("duplicate_graph_input", "structure", s_duplicate_input, phrase="duplicate input name 'x'"),
     Case("duplicate_initializer", "structure", s_duplicate_initializer, phrase="duplicate initializer name 'w'"),
     Case("output_not_produced", "structure", s_output_not_produced, phrase="output 'nowhere' is not produced"),
-    Case("unsorted_nodes", "structure", s_unsorted, phrase="topological order"),
+    # onnxruntime's fp16 converter writes such graphs and ONNX Runtime sorts them: sorted, with a warning
+    Case("unsorted_nodes", "structure", s_unsorted, code=0, args=()),
     Case("empty_op_type", "structure", s_no_op_type, phrase="has no op_type"),
     Case("declared_shape_lies", "structure", s_declared_shape_lies, phrase="contradicts what Pad computes"),
     Case("invalid_utf8_op_type", "structure", s_invalid_utf8, phrase="NodeProto.op_type holds invalid UTF-8"),

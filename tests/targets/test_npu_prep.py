@@ -56,6 +56,20 @@ def test_bound_infinite_fill_value_keeps_softmax():
     assert_same_on_ort(m, out, FEEDS, rtol=1e-6, atol=1e-30)
 
 
+def test_finite_stand_ins_for_minus_inf_are_bounded_too():
+    """float32's lowest value (Llama dynamo exports), fp16's -65504 and -10000 act
+    as -inf and would spend the quantized range: bounded like -inf; -50 is kept."""
+    for fill in (float(np.finfo(np.float32).min), -65504.0, -1e4):
+        m = _mask_model(fill)
+        stats, out = _apply(m, BoundInfiniteConstants())
+        assert stats == [{"constants_bounded": 1}], fill
+        fill_t = next(t for t in out.graph.initializer if t.name == "fill")
+        assert numpy_helper.to_array(fill_t).tolist() == [-100.0]
+        assert_same_on_ort(m, out, FEEDS, rtol=1e-6, atol=1e-30)
+    stats, _ = _apply(_mask_model(-50.0), BoundInfiniteConstants())
+    assert stats == [{}]
+
+
 def test_drop_nan_guard():
     m = _mask_model(-1e4)
     stats, out = _apply(m, DropNanGuards())

@@ -252,6 +252,40 @@ def test_layernorm_fixes_and_numerics():
     assert_same_on_ort(m, r.model)
 
 
+def _tied_norms():
+    """T5's shape: one frozen norm weight shared through Identity nodes (the
+    TorchScript export of tied parameters) and a frozen operand read twice."""
+    return model(
+        [
+            H("MatMul", ["x", "W"], ["a"], name="mm"),
+            H("Identity", ["g"], ["g_enc"], name="tie_enc"),
+            H("Identity", ["g"], ["g_dec"], name="tie_dec"),
+            H("Mul", ["a", "g_enc"], ["b"], name="norm_enc"),
+            H("Mul", ["b", "g_dec"], ["c"], name="norm_dec"),
+            H("Mul", ["c", "k"], ["d"], name="scale_1"),
+            H("Mul", ["d", "k"], ["y"], name="scale_2"),
+        ],
+        {"W": f32(4, 4), "g": f32(4, seed=1), "k": f32(4, seed=2)},
+    )
+
+
+def test_frozen_weights_shared_through_identity_are_read_directly_and_untied():
+    m = _tied_norms()
+    before = m.SerializeToString()
+    r = preflight(m, ["W"])
+    assert r.ok, r.summary()
+    assert m.SerializeToString() == before, "preflight modified its input"
+    text = " ".join(r.fixes)
+    assert "2 Identity node(s) sharing frozen weight(s) 'g'" in text and "private copies" in text
+    muls = {n.name: list(n.input) for n in r.model.graph.node if n.op_type == "Mul"}
+    assert not any(n.op_type == "Identity" for n in r.model.graph.node)
+    assert muls["norm_enc"][1] == "g" and muls["norm_dec"][1] != "g"  # one reader each
+    assert muls["scale_1"][1] == "k" and muls["scale_2"][1] != "k"
+    assert_same_on_ort(m, r.model)
+    # a trainable operand is never copied (that would change training)
+    assert "private copies" not in " ".join(preflight(_tied_norms(), ["W", "k", "g"]).fixes)
+
+
 def test_trainable_layernorm_scale_is_not_untied():
     m = model(
         [
@@ -463,6 +497,54 @@ def test_real_exports_pass_preflight_and_ort_training_accepts_them(real_inserted
     results = json.loads(line[len("RESULT ") :])
     for path, got in results.items():
         assert got == ["checkpoint", "eval_model.onnx", "optimizer_model.onnx", "training_model.onnx"], f"{path}: {got}"
+
+
+@pytest.mark.slow
+@pytest.mark.ort_training
+def test_t5_tied_norm_weights_generate_ort_artifacts(tmp_path):
+    """A TorchScript T5 (norm weights tied through Identity nodes), inserted with
+    embeddings: ORT training 1.19.2 ends in "Duplicate definition of name
+    (..._grad)" without the pre-flight, and generates the artifacts with it."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from tests.models_real import torchscript_export
+
+    if not TRAIN_PY.is_file():
+        pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/ort-training-env.sh")
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                             num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t5 = t5
+
+        def forward(self, ids, dec):
+            return self.t5(input_ids=ids, decoder_input_ids=dec, use_cache=False).logits.mean(1)
+
+    ids = torch.randint(0, 50, (2, 6))
+    torchscript_export(Logits().eval(), (ids, ids[:, :3]), str(tmp_path / "t5.onnx"), ["ids", "dec"], ["y"], None)
+    from beats_compiler.cli import main
+
+    assert main(["insert", str(tmp_path / "t5.onnx"), "--embeddings", "--min-size", "1", "--no-verify", "-q",
+                 "-o", str(tmp_path / "ins.onnx")]) == 0
+    trainable = json.loads((tmp_path / "ins.trainable.json").read_text())["trainable"]
+    (tmp_path / "t.json").write_text(json.dumps(trainable))
+    assert any(n.op_type == "Identity" for n in onnx.load(str(tmp_path / "ins.onnx")).graph.node)
+    job = [str(tmp_path / "ins.onnx"), str(tmp_path / "t.json")]
+    raw = [str(tmp_path / "raw.onnx"), str(tmp_path / "t.json")]
+    (tmp_path / "raw.onnx").write_bytes((tmp_path / "ins.onnx").read_bytes())
+    proc = subprocess.run(
+        [str(TRAIN_PY), "-c", _GENERATE, json.dumps([job + [True], raw + [False]])],
+        capture_output=True, text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=600, check=False,
+    )
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, f"training interpreter failed (rc {proc.returncode}): {proc.stderr[-2000:]}"
+    results = json.loads(line[len("RESULT "):])
+    assert results[job[0]] == ["checkpoint", "eval_model.onnx", "optimizer_model.onnx", "training_model.onnx"]
+    assert "Duplicate definition of name" in results[raw[0]]  # what the pre-flight mends
 
 
 @pytest.mark.slow
