@@ -144,7 +144,7 @@ def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
                                 "Also writes <OUT stem>.trainable.json beside the output.")
         _common(p, "<stem>.inserted.onnx")
         p.add_argument("--ops", default=None, metavar="OP,OP",
-                       help="consumer op types whose weights are selected (default MatMul,Gemm,Conv,ConvTranspose)")
+                       help="consumer op types whose weights are selected (default MatMul,Gemm,Conv,ConvTranspose,LSTM,GRU,RNN: W and R of the recurrent ops)")
         p.add_argument("--embeddings", action="store_true", help="also select Gather tables (embeddings)")
         p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only weights whose name matches (repeatable)")
         p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip weights whose name matches (repeatable)")

@@ -76,6 +76,29 @@ def trainable_manifest(model: onnx.ModelProto) -> dict:
     }
 
 
+_QUANTIZED_CONSUMERS = frozenset({"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "QGemm",
+                                  "DynamicQuantizeMatMul", "MatMulNBits"})
+
+
+def _why_nothing(graph: gs.Graph, policy: rp.Policy) -> str:
+    """Why no weight was selected, where the graph says: quantized weights, or
+    float weights all under ``--min-size``."""
+    quantized = sorted({n.op for n in graph.nodes if n.op in _QUANTIZED_CONSUMERS})
+    dq = [n for n in graph.nodes if n.op == "DequantizeLinear" and n.inputs and isinstance(n.inputs[0], gs.Constant)]
+    if quantized or dq:
+        what = ", ".join(quantized) if quantized else "DequantizeLinear on constant weights"
+        return (f": the model's weights are quantized ({what}); W0 + D*V needs float weights: "
+                "insert into the float model, then quantize")
+    ops = {op for rule in policy.rules for op in rule.ops}
+    small = [n.inputs[rp.WEIGHT_SLOTS[n.op][0]] for n in graph.nodes if n.op in ops
+             and len(n.inputs) > rp.WEIGHT_SLOTS[n.op][0] and isinstance(n.inputs[rp.WEIGHT_SLOTS[n.op][0]], gs.Constant)]
+    least = min(rule.min_size for rule in policy.rules)
+    if small and all(int(np.prod(t.shape)) < least for t in small):
+        return f": {len(small)} weight(s) of {', '.join(sorted(ops & {n.op for n in graph.nodes}))} are under " \
+               f"--min-size {least} elements (lower it)"
+    return ""
+
+
 def insert(
     model: onnx.ModelProto | LoadedModel | str | os.PathLike,
     policy: rp.Policy | None = None,
@@ -105,7 +128,7 @@ def insert(
         _collect_computed(graph, source)
         warnings = [f"skipped {w}: {why}" for w, why in stats.skipped.items()]
         if not stats.inserted and not stats.already:
-            detail = f" ({'; '.join(warnings)})" if warnings else ""
+            detail = f" ({'; '.join(warnings)})" if warnings else _why_nothing(graph, policy)
             raise InputError(f"the selection matches no weight{detail}")
         if not stats.inserted:
             warnings.append("no-op: every selected weight was already inserted")

@@ -213,3 +213,4 @@ class UpcastFloat16(Pass):
         if not changed and not edges:
             return PassResult(False)
         return PassResult(True, {"fp16_values_upcast": changed, "edge_casts": edges})
+

@@ -47,8 +47,13 @@ WEIGHT_SLOTS = {
     "Conv": (1, 0),
     "ConvTranspose": (1, 1),
     "Gather": (0, -1),
+    # recurrent ops: W [dirs, gates*hidden, input] at 1 and R [dirs, gates*hidden, hidden] at 2
+    "LSTM": (1, 1),
+    "GRU": (1, 1),
+    "RNN": (1, 1),
 }
-DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose")
+RECURRENT_SLOTS = (1, 2)  # both weight inputs of LSTM/GRU/RNN are selected
+DEFAULT_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "LSTM", "GRU", "RNN")
 _FLOAT_TYPES = {np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -406,18 +411,19 @@ def find_weights(graph: gs.Graph, ops: set[str], through: dict[str, gs.Constant]
         if node.op not in ops or not is_standard(node):
             continue
         slot, _ = WEIGHT_SLOTS[node.op]
-        if len(node.inputs) <= slot:
-            continue
-        w, chain = _trace(node.inputs[slot], through)
-        if w is None:
-            continue
-        rank = len(w.shape)
-        for n in chain:
-            if n.op == "Reshape":
-                rank = int(const_value(n.inputs[1]).size)
-        axis = _axis_through_chain(chain, _consumer_axis(node, rank), len(w.shape))
-        entry = found.setdefault(id(w), (w, []))
-        entry[1].append(Use(node, slot, chain, axis))
+        for slot in (RECURRENT_SLOTS if node.op in ("LSTM", "GRU", "RNN") else (slot,)):
+            if len(node.inputs) <= slot:
+                continue
+            w, chain = _trace(node.inputs[slot], through)
+            if w is None:
+                continue
+            rank = len(w.shape)
+            for n in chain:
+                if n.op == "Reshape":
+                    rank = int(const_value(n.inputs[1]).size)
+            axis = _axis_through_chain(chain, _consumer_axis(node, rank), len(w.shape))
+            entry = found.setdefault(id(w), (w, []))
+            entry[1].append(Use(node, slot, chain, axis))
     return found
 
 

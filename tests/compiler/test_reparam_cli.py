@@ -270,3 +270,26 @@ def test_two_inserts_into_one_folder_keep_their_own_manifests(base, tmp_path):
     b = json.loads((tmp_path / "b.trainable.json").read_text())
     assert {w["factorization"] for w in a["weights"]} == {"vector"}
     assert {w["factorization"] for w in b["weights"]} == {"rank"}
+
+
+def test_insert_on_a_quantized_model_says_why_nothing_is_selected(tmp_path, capsys):
+    """A dynamic-int8 model (onnxruntime's quantize_dynamic): its MatMul weights are
+    MatMulInteger int8 operands; the message says so instead of only "no weight"."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from beats_compiler.cli import main
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    assert main(["insert", str(tmp_path / "q.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "weights are quantized (MatMulInteger)" in err and "insert into the float model" in err
+    assert main(["insert", str(tmp_path / "f.onnx"), "--min-size", "4096", "-q", "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "1 weight(s) of MatMul are under --min-size 4096" in capsys.readouterr().err
