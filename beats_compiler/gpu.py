@@ -39,18 +39,10 @@ _LOW = {onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "int8", onnx.Tens
         onnx.TensorProto.BFLOAT16: "fp16", onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.DOUBLE: "fp32"}
 
 
-_RECURRENT = frozenset({"LSTM", "GRU", "RNN"})
-
-
 def conversion_skip_reason(model: onnx.ModelProto) -> str:
     """Why the fp16 conversion should leave ``model`` alone ("" to convert): most of
     its weight elements are int8 already (a quantized model: converting the float
-    glue around its integer kernels would only move its rounding) or fp16 already,
-    or it has recurrent ops (a segfault in ORT's optimizer, bidirectional GRU)."""
-    recurrent = sorted({n.op_type for n in model.graph.node if n.op_type in _RECURRENT})
-    if recurrent:
-        return (f"recurrent op(s) {', '.join(recurrent)} stay fp32, and ONNX Runtime 1.32's graph optimizer crashes "
-                "on the casts the converter puts around them")
+    glue around its integer kernels would only move its rounding) or fp16 already."""
     counts = {"int8": 0, "fp16": 0, "fp32": 0}
     for t in model.graph.initializer:
         kind = _LOW.get(t.data_type)

@@ -86,9 +86,8 @@ def _why_nothing(graph: gs.Graph, policy: rp.Policy) -> str:
     quantized = sorted({n.op for n in graph.nodes if n.op in _QUANTIZED_CONSUMERS})
     dq = [n for n in graph.nodes if n.op == "DequantizeLinear" and n.inputs and isinstance(n.inputs[0], gs.Constant)]
     if quantized or dq:
-        what = ", ".join(quantized) if quantized else "DequantizeLinear on constant weights"
-        return (f": the model's weights are quantized ({what}); W0 + D*V needs float weights: "
-                "insert into the float model, then quantize")
+        what = ", ".join(quantized) if quantized else "DequantizeLinear of constants"
+        return f": the weights are quantized ({what}); W0 + D*V needs float ones: insert into the float model"
     ops = {op for rule in policy.rules for op in rule.ops}
     small = [n.inputs[rp.WEIGHT_SLOTS[n.op][0]] for n in graph.nodes if n.op in ops
              and len(n.inputs) > rp.WEIGHT_SLOTS[n.op][0] and isinstance(n.inputs[rp.WEIGHT_SLOTS[n.op][0]], gs.Constant)]

@@ -136,9 +136,18 @@ class CompileReport:
         else:
             text = "the result does not match the original"
         c = self.culprit
+        line = "verification failed: " + " ".join(text.split())
         if c and c.get("message"):
-            text += "; " + c["message"]
-        return "verification failed: " + " ".join(text.split())
+            full = line + "; " + " ".join(c["message"].split())
+            if len(full) <= ERROR_LINE_LIMIT or not c.get("pass"):
+                line = full
+            else:  # the pass and the node, without the tensor and figures
+                line += f"; first differing pass: {c['pass']}"
+                if c.get("node"):
+                    line += f", node '{_short(c['node'], 50)}'" + (f" ({c['op_type']})" if c.get("op_type") else "")
+        if len(line) > ERROR_LINE_LIMIT:
+            line = line[:ERROR_LINE_LIMIT - 4].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+        return line
 
     def pass_totals(self) -> dict[str, dict]:
         """Per pass name: rounds it modified the graph, seconds, summed stats."""
@@ -161,6 +170,9 @@ def _num(v) -> float:
 def _fmt(v) -> str:
     x = _num(v)
     return f"{x:.3g}" if math.isfinite(x) else "inf"
+
+
+ERROR_LINE_LIMIT = 200  # characters of a one-line error (before the "beats-compile: " prefix)
 
 
 def _short(text, limit: int = 40) -> str:

@@ -26,7 +26,7 @@ from passes.neutral_elementwise import EliminateNeutralElementwise
 from passes.schema_casts import EliminateSchemaTypedCasts
 from passes.shape_reshape import SimplifyShapeReshapes
 from passes.reshape_pairs import EliminateReshapePairs
-from passes.npu_prep import BoundInfiniteConstants, DropNanGuards, LowerMaskWhere, UpcastFloat16
+from passes.npu_prep import BoundInfiniteConstants, DropNanGuards, LowerMaskWhere, TransposeToReshape, UpcastFloat16
 from passes.static_shapes import FixInputShapes
 from passes.transposed_duplicates import DedupeTransposedInitializers
 
@@ -97,6 +97,7 @@ PASSES: dict[str, Callable[[PipelineOptions], Pass]] = {
     "fix_input_shapes": lambda o: FixInputShapes(dict(o.input_shapes)),
     "bound_infinite_constants": lambda o: BoundInfiniteConstants(),
     "upcast_float16": lambda o: UpcastFloat16(),
+    "transpose_to_reshape": lambda o: TransposeToReshape(),
     "lower_mask_where": lambda o: LowerMaskWhere(),
     "drop_nan_guards": lambda o: DropNanGuards(),
     "remove_redundant_casts": lambda o: RemoveRedundantCasts(o.protected_casts, allow_precision_gain=o.drop_new_lossy_casts),
@@ -150,7 +151,7 @@ FP16_BLOCK_LIST = (
     "ReduceSum", "ReduceMean", "ReduceProd", "ReduceLogSumExp", "ReduceSumSquare", "ReduceL2",
     "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Erf",
     "LayerNormalization", "GroupNormalization", "InstanceNormalization", "LpNormalization",
-    # recurrent ops: ONNX Runtime's CPU provider, where the gpu target verifies, crashes on fp16 GRU
+    # recurrent ops: no fp16 kernels in ONNX Runtime's CPU provider, where the gpu target verifies
     "LSTM", "GRU", "RNN",
     # already quantized models: their scales stay fp32 (an fp16 scale needs opset 19)
     "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
@@ -194,7 +195,8 @@ TARGETS["gpu"] = TargetProfile(
 TARGETS["npu"] = TargetProfile(
     name="npu",
     description="static shapes, QDQ int8/uint8 (uint16 activations optional) or fp16, for Qualcomm's QNN HTP",
-    passes=("fix_input_shapes", "upcast_float16", "bound_infinite_constants", "lower_mask_where", "drop_nan_guards") + _CPU_PASSES,
+    passes=("fix_input_shapes", "upcast_float16", "bound_infinite_constants", "lower_mask_where", "drop_nan_guards") + _CPU_PASSES
+    + ("transpose_to_reshape",),
     rtol=0.0,
     atol=0.0,
     providers=("QNNExecutionProvider", "CPUExecutionProvider"),

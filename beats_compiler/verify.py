@@ -78,7 +78,7 @@ class _Session:
     in-memory model over 2 GB is written to the system temp folder, which is
     removed on close."""
 
-    def __init__(self, model: onnx.ModelProto | None, path: Path | None, optimize: bool = True,
+    def __init__(self, model: onnx.ModelProto | None, path: Path | None, optimize: bool | str = True,
                  base_dir: Path | None = None):
         import onnxruntime as ort
 
@@ -86,6 +86,8 @@ class _Session:
         so = quiet_session_options()
         if not optimize:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        elif optimize == "extended":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         if path is not None:
             src: Any = str(path)
         elif needs_external_data(model) or uses_external_refs(model):
@@ -180,18 +182,22 @@ def verify(
     latency_runs: int = 50,
     seed: int = 0,
     base_dir: Path | None = None,
+    optimize: bool | str = True,
 ) -> Verification:
     """Run ``original`` and ``result`` on the same inputs and compare every output.
+
+    ``optimize``: ONNX Runtime's graph optimizations for both sessions (True: all,
+    "extended": without the CPU-only layout level, False: none).
 
     Raises ``InputError`` when the original itself cannot run on ONNX Runtime
     (nothing can then be proved) or when user inputs do not fit the model.
     """
     try:
-        s_orig = _Session(original, original_path, base_dir=base_dir)
+        s_orig = _Session(original, original_path, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
         raise InputError(f"cannot verify: ONNX Runtime cannot load the original model ({short_message(exc)}); use --no-verify to skip") from None
     try:
-        s_new = _Session(result, None, base_dir=base_dir)
+        s_new = _Session(result, None, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
         s_orig.close()
         return Verification(False, float("inf"), float("inf"), rtol, atol,

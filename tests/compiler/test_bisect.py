@@ -382,3 +382,22 @@ def test_a_culprit_inside_a_subgraph_names_the_top_level_node_and_says_so(monkey
     c = r.report.culprit
     assert (c["pass"], c["node"], c["op_type"], c["tensor"]) == ("fuse_matmul_add", "branch", "If", "y")
     assert c["in_subgraph"] and "only the top-level graph is searched" in c["message"]
+
+
+def test_failure_line_keeps_the_pass_and_node_within_200_characters():
+    from beats_compiler.report import CompileReport
+
+    rep = CompileReport(target="npu", input=None, output=None, verified=False, max_abs_diff=0.05, max_rel_diff=0.05,
+                        rtol=0.0, atol=0.0, nodes_before=1, nodes_after=1, initializers_before=0,
+                        initializers_after=0, weight_bytes_before=0, weight_bytes_after=0, file_size_before=0,
+                        file_size_after=0, latency_ms_before=None, latency_ms_after=None, op_histogram_before={},
+                        op_histogram_after={}, passes=[], rounds=1, converged=True, seconds=0.0,
+                        outputs=[{"name": "y", "ok": False, "max_abs_diff": 0.0525}], command="compile",
+                        target_details={"min_cosine": 0.99})
+    rep.culprit = {"pass": "quantize_qdq", "node": "/stem/stem.0/Conv", "op_type": "Conv",
+                   "message": "first differing pass: quantize_qdq, node '/stem/stem.0/Conv' (Conv) output "
+                              "'/stem/stem.2/Relu_output_0_with_a_very_long_exporter_name' cosine 0.7925 "
+                              "(drop 0.2075 from its inputs)"}
+    line = rep.failure_line()
+    assert len(line) <= 200, line
+    assert "cosine 0.9475 < 0.99 on 'y'" in line and "quantize_qdq" in line and "'/stem/stem.0/Conv' (Conv)" in line

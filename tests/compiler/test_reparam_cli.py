@@ -291,5 +291,6 @@ def test_insert_on_a_quantized_model_says_why_nothing_is_selected(tmp_path, caps
     assert main(["insert", str(tmp_path / "q.onnx"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "weights are quantized (MatMulInteger)" in err and "insert into the float model" in err
+    assert len(err) <= 200
     assert main(["insert", str(tmp_path / "f.onnx"), "--min-size", "4096", "-q", "-o", str(tmp_path / "o.onnx")]) == 2
     assert "1 weight(s) of MatMul are under --min-size 4096" in capsys.readouterr().err

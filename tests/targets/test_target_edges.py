@@ -179,4 +179,4 @@ def test_npu_keeps_a_qdq_model_s_scales_and_names_a_dynamic_int8_node(tmp_path, 
     quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8)
     code = main([str(tmp_path / "dyn.onnx"), "--target", "npu", "--calib", "random", "--input-shape", "x=1,16", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "(DynamicQuantizeLinear) is already quantized" in err[0]
+    assert code == 2 and len(err) == 1 and "(DynamicQuantizeLinear) is quantized already" in err[0]
