@@ -215,7 +215,7 @@ def verify(
         s_new.close()
 
 
-_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |Load model from \S+ failed: ?(?:Fatal error: )?")
 # "/onnxruntime_src/.../reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(const ..., bool) "
 _SOURCE_LOCATION = re.compile(r"(?:/[\w.+-]+)+\.(?:h|hpp|cc|cpp|cu|cuh):\d+ (?:[\w:~<>]+\([^()]*\)(?: const)? )?")
 SHORT_LIMIT = 160

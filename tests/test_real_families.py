@@ -140,3 +140,21 @@ def test_the_corpus_covers_every_family_and_both_exporters():
         exporters = {s.exporter for s in rf.FAMILIES if s.family == fam}
         assert exporters == {"torchscript", "dynamo"}, fam
     assert np.unique(NAMES).size == len(NAMES)
+
+
+@pytest.mark.parametrize("name", ["t5-ts", "gpt2-kv-ts", "llama-dynamo"])
+def test_tied_embeddings_insert_and_fold(corpus, name, capfd):
+    """Weights read by several nodes (T5's shared embedding and lm_head, GPT-2's tied
+    wte, norm weights shared through Identity): inserted once, folded back exactly."""
+    ins = reparam.insert(str(corpus[name]), reparam.rp.Policy(rules=(reparam.rp.Rule(ops=(
+        "MatMul", "Gemm", "Gather")),)))
+    assert ins.report.verified, ins.report.failure_line()
+    original = onnx.load(str(corpus[name]))
+    tables = {n.input[0] for n in original.graph.node if n.op_type == "Gather"}
+    assert any(w["weight"] in tables and len(w["consumers"]) >= 1 for w in ins.report.reparam["inserted"])
+    fold = reparam.fold(ins.model)
+    assert fold.report.verified, fold.report.failure_line()
+    assert _node_list(fold.model) == _node_list(original)
+    assert {t.name: t.SerializeToString() for t in fold.model.graph.initializer} == \
+        {t.name: t.SerializeToString() for t in original.graph.initializer}
+    _quiet(capfd)

@@ -10,11 +10,13 @@ cores: each case must stay quick)."""
 
 from __future__ import annotations
 
+
 import contextlib
 import hashlib
 import io
 import json
 import os
+import re
 import resource
 import stat
 import subprocess
@@ -100,6 +102,9 @@ def run_case(case: Case, tmp_path: Path, extra: tuple[str, ...] = ()):
     return d, work, tmpdir, before, after, code, out, err
 
 
+SOURCE_PATH = re.compile(r"\.(cc|cpp|h|hpp|py):\d+|onnxruntime/core|/onnxruntime_src/")
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_hostile_case(case: Case, tmp_path):
     d, _work, tmpdir, before, after, code, out, err = run_case(case, tmp_path)
@@ -110,6 +115,9 @@ def test_hostile_case(case: Case, tmp_path):
         assert len(lines) == 1, f"stderr must be one line: {err!r}"
         assert lines[0].startswith("beats-compile: error: "), lines[0]
         assert case.phrase in lines[0], f"{case.phrase!r} not in {lines[0]!r}"
+        message = lines[0][len("beats-compile: error: "):].replace(str(d / "m.onnx"), "m.onnx")
+        assert len(message) <= 200, f"error line of {len(message)} characters: {message!r}"
+        assert not SOURCE_PATH.search(message), f"a source path in the error line: {message!r}"
         assert after == before, "a failed run changed, added or removed files"
     else:
         assert not lines, err
