@@ -113,30 +113,7 @@ def mask_values(shape: Sequence[int], dtype) -> np.ndarray:
     return m
 
 
-def _random(dtype, shape, rng: np.random.Generator, high: int = DEFAULT_INT_HIGH) -> np.ndarray:
-    return ValuePlan(high=high).values(dtype, shape, rng)
-
-
 # --------------------------------------------------------------------------- dims
-
-
-def _bind_dims(inputs, sizes: Sequence[int]) -> dict[str, list[int]]:
-    """Each symbolic (or unnamed) dim of ``inputs`` (ORT NodeArgs) bound to its own
-    size from ``sizes``, in order of appearance."""
-    symbols: dict[str, int] = {}
-    shapes = {}
-    for inp in inputs:
-        dims = []
-        for d in inp.shape:
-            if isinstance(d, int) and d >= 0:
-                dims.append(d)
-            else:
-                key = d if isinstance(d, str) and d else f"?{len(symbols)}"
-                if key not in symbols:
-                    symbols[key] = sizes[min(len(symbols), len(sizes) - 1)]
-                dims.append(symbols[key])
-        shapes[inp.name] = dims
-    return shapes
 
 
 @dataclass(frozen=True)
@@ -688,25 +665,13 @@ class InputGenerator:
         return min(names, key=rank) if names else "?"
 
 
-def generate_inputs(sess, sizes: Sequence[int], seed: int = 0,
-                    bounds: Mapping[str, int] | None = None, model: onnx.ModelProto | None = None
+def generate_inputs(sess, sizes: Sequence[int], seed: int = 0, model: onnx.ModelProto | None = None
                     ) -> dict[str, np.ndarray]:
-    """Random inputs for ``sess``: floats ~ N(0, 1), integers in 0..3 (below ``bounds[name]``
-    where the model indexes a smaller table with them), symbolic dims bound to ``sizes``.
-    With ``model``, values follow the graph's use of each input (masks, table bounds)."""
-    if model is not None:
-        gen = InputGenerator(sess.get_inputs(), model, seed, sizes)
-        return gen.feeds(gen.bind(sizes))
-    rng = np.random.default_rng(seed)
-    shapes = _bind_dims(sess.get_inputs(), sizes)
-    bounds = bounds or {}
-    feeds = {}
-    for inp in sess.get_inputs():
-        if inp.type not in ORT_TYPES:
-            raise InputError(f"input {inp.name!r} has type {inp.type}; pass --inputs to verify this model")
-        feeds[inp.name] = _random(ORT_TYPES[inp.type], shapes[inp.name], rng,
-                                  min(DEFAULT_INT_HIGH, bounds.get(inp.name, DEFAULT_INT_HIGH)))
-    return feeds
+    """Random inputs for ``sess``, symbolic dims bound to ``sizes`` in order: with
+    ``model``, values follow the graph's use of each input (masks, table bounds);
+    without, floats ~ N(0, 1) and integers in 0..3."""
+    gen = InputGenerator(sess.get_inputs(), model, seed, sizes)
+    return gen.feeds(gen.bind(sizes))
 
 
 def random_samples(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]], count: int, seed: int,

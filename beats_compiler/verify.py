@@ -18,8 +18,7 @@ import onnx
 from .errors import InputError
 from passes.convert import uses_external_refs
 
-from .inputs import ORT_TYPES as _ORT_TYPES  # noqa: F401  (re-exported: older imports)
-from .inputs import InputGenerator, InputShapes, _bind_dims, _random, generate_inputs, integer_bounds  # noqa: F401
+from .inputs import InputGenerator, InputShapes
 from .io import needs_external_data, save_model
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)

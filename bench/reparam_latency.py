@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from beats_compiler import reparam  # noqa: E402
-from beats_compiler.verify import generate_inputs  # noqa: E402
+from beats_compiler.inputs import generate_inputs  # noqa: E402
 from passes import reparam as rp  # noqa: E402
 
 

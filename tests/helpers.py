@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from beats_compiler.verify import generate_inputs
+from beats_compiler.inputs import generate_inputs
 
 
 def session(model: onnx.ModelProto, optimize: bool = False) -> ort.InferenceSession:

@@ -324,7 +324,7 @@ def test_generated_integer_inputs_stay_inside_the_tables_they_index(tmp_path):
     m.ir_version = 8
     src = tmp_path / "b.onnx"
     onnx.save(m, src)
-    from beats_compiler.verify import integer_bounds
+    from beats_compiler.inputs import integer_bounds
 
     assert integer_bounds(m) == {"ids": 30, "tt": 2}
     proc = cli(src, "-q", "-o", tmp_path / "c.onnx")
