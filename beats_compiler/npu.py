@@ -402,8 +402,93 @@ class QuietSession:
         return self.sess.get_outputs()
 
 
+# Made in a child process first: the QNN backend can abort or crash the process on a
+# graph it cannot build (an assertion, a segfault), which no Python code could report.
+_PROBE = """
+import json, sys
+from beats_compiler import npu
+try:
+    npu.qnn_session(sys.argv[1], provider=json.loads(sys.argv[2]))
+except npu.QnnSessionError as exc:
+    print(str(exc)); sys.exit(3)
+except Exception as exc:
+    print(type(exc).__name__); sys.exit(4)
+"""
+
+
+class QnnCrash(TargetError):
+    """The QNN backend killed the process that built the HTP graph."""
+
+
+def _probe(path: Path, provider: Mapping[str, str] | None) -> int:
+    """The exit status of a child process that builds the HTP session for ``path``
+    (negative: killed by that signal)."""
+    import json
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(path), json.dumps(dict(provider or htp_options()))],
+                          capture_output=True, text=True, env=env, timeout=_PROBE_TIMEOUT_S, check=False)
+    return proc.returncode
+
+
+_PROBE_TIMEOUT_S = 1800
+
+
+def crash_probe(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> None:
+    """Raise ``QnnCrash`` naming the node when building the HTP graph of ``model``
+    kills the process: a binary search over topological prefixes, each built in a
+    child process, for the node whose addition makes the backend crash."""
+    import signal
+
+    tmp = tempfile.mkdtemp(prefix="beats-qnn-probe-")
+    try:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, path)
+        code = _probe(path, provider)
+        if code >= 0:
+            return
+        nodes = list(model.graph.node)
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v.type.tensor_type.elem_type
+                 for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+
+        def crashes(k: int) -> bool:
+            onnx.save_model(_prefix(model, k, types), path)
+            return _probe(path, provider) < 0
+
+        lo, hi = 0, len(nodes)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if crashes(mid):
+                hi = mid
+            else:
+                lo = mid
+        node = _compute_node(nodes, nodes[hi - 1])
+        try:
+            sig = signal.Signals(-code).name
+        except ValueError:
+            sig = f"signal {-code}"
+        raise QnnCrash(f"the QNN HTP backend crashes ({sig}) building its graph at node '{node.name[:60]}' "
+                       f"({node.op_type}); try --activation-type float16, or keep that op off the npu model")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compute_node(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> onnx.NodeProto:
+    """A Q or DQ node mapped to the compute node it quantizes."""
+    if node.op_type == "QuantizeLinear":  # the output Q of the node that failed
+        return next((n for n in nodes if node.input[0] in n.output), node)
+    if node.op_type == "DequantizeLinear":
+        return next((n for n in nodes if node.output[0] in n.input), node)
+    return node
+
+
 def placement(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> tuple[QuietSession, Placement]:
     """Open an HTP session on ``model`` and read back where each node went."""
+    crash_probe(model, provider)
     sess, log = qnn_session(model, want_log=True, provider=provider)
     names = {n.name: n.op_type for n in model.graph.node}
     nodes: dict[str, str] = {}
@@ -469,12 +554,7 @@ def capacity_culprit(model: onnx.ModelProto, provider: Mapping[str, str] | None 
             hi = mid
         else:
             lo = mid
-    node = nodes[hi - 1]
-    if node.op_type == "QuantizeLinear":  # the output Q of the node that failed
-        node = next((n for n in nodes if node.input[0] in n.output), node)
-    elif node.op_type == "DequantizeLinear":
-        node = next((n for n in nodes if node.output[0] in n.input), node)
-    return node
+    return _compute_node(nodes, nodes[hi - 1])
 
 
 def precompile(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> bytes:

@@ -158,3 +158,15 @@ def test_tied_embeddings_insert_and_fold(corpus, name, capfd):
     assert {t.name: t.SerializeToString() for t in fold.model.graph.initializer} == \
         {t.name: t.SerializeToString() for t in original.graph.initializer}
     _quiet(capfd)
+
+
+def test_a_qnn_crash_is_reported_naming_the_node(corpus, capfd):
+    """Without transpose_to_reshape, the QNN backend aborts (an assertion in its
+    layout handling) on the dynamo ConvNeXt's layer-scale Transpose after a Gather:
+    the child-process build turns that into one line naming the node (exit 4)."""
+    pytest.importorskip("onnxruntime_qnn", reason="the npu extra (onnxruntime-qnn) is not installed")
+    from beats_compiler.npu import QnnCrash
+
+    with pytest.raises(QnnCrash, match=r"crashes \(SIGABRT\) building its graph at node '.+' \(Transpose\)"):
+        bc.compile(str(corpus["convnext-dynamo"]), "npu", calib="random", disable=["transpose_to_reshape"])
+    _quiet(capfd)

@@ -180,3 +180,21 @@ def test_npu_keeps_a_qdq_model_s_scales_and_names_a_dynamic_int8_node(tmp_path, 
     code = main([str(tmp_path / "dyn.onnx"), "--target", "npu", "--calib", "random", "--input-shape", "x=1,16", "-q"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "(DynamicQuantizeLinear) is quantized already" in err[0]
+
+
+def test_a_backend_crash_is_named_not_suffered(tmp_path, monkeypatch, capsys):
+    """The QNN backend can abort the process on a graph it cannot build (a dynamo
+    ConvNeXt did, tests/test_real_families.py): the graph is built in a child
+    process first, and a crash becomes one line naming the node (exit 4).  Here
+    the child aborts whenever the graph holds node 'mm2', as the backend would."""
+    pytest.importorskip("onnxruntime_qnn", reason="the npu extra (onnxruntime-qnn) is not installed")
+    from beats_compiler import npu
+
+    _mlp(tmp_path / "m.onnx", np.random.default_rng(5))
+    monkeypatch.setattr(npu, "_PROBE", "import os, sys, onnx\n"
+                        "if any(n.name == 'mm2' for n in onnx.load(sys.argv[1]).graph.node): os.abort()\n")
+    code = main([str(tmp_path / "m.onnx"), "--target", "npu", "--calib", "random", "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1, err
+    assert "crashes (SIGABRT)" in err[0] and "node 'mm2' (MatMul)" in err[0] and len(err[0]) <= 220
+    assert not (tmp_path / "m.beats.onnx").exists()
