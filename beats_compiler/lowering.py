@@ -318,8 +318,8 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
     else:
         form, node = npu.quantized_form(fp32)
         if form == "integer":
-            raise InputError(f"npu: node '{node.name[:60]}' ({node.op_type}) is quantized already (dynamic or QLinear "
-                             "int8), which the QNN HTP cannot run; give the float model")
+            raise InputError(f"npu: node '{node.name[:50]}' ({node.op_type}) is quantized already (dynamic or QLinear "
+                             "int8): the QNN HTP cannot run it; give the float model")
         if form == "qdq":  # its own scales are kept: nothing to calibrate
             q = npu.Quantized(fp32, False, "from the model", "from the model", False, 0)
             data.held_out = data.calib + data.held_out
@@ -395,8 +395,13 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
             more = {"uint8": "--activation-type uint16 --per-channel (16-bit activations), or float16",
                     "uint16": ("--per-channel, or " if not q.per_channel else "") + "--activation-type float16"}
             hint = more.get(q.activation_type)
-            report.warnings.append(f"cosine {worst:.4f} < {bar} on held-out inputs"
-                                   + (f": more precision: {hint} (the HTP's fp16 mode)" if hint else ""))
+            if q.calib_samples == 0 and q.activation_type == "from the model":
+                report.warnings.append(f"cosine {worst:.4f} < {bar} on held-out inputs with the model's own QDQ "
+                                       "scales (the HTP's integer arithmetic vs ONNX Runtime's CPU): quantize the "
+                                       "float model with this target instead")
+            else:
+                report.warnings.append(f"cosine {worst:.4f} < {bar} on held-out inputs"
+                                       + (f": more precision: {hint} (the HTP's fp16 mode)" if hint else ""))
         report.max_abs_diff = 1.0 - worst  # cosine distance of the worst output (see target_details.accuracy)
         report.max_rel_diff = 1.0 - worst
         report.rtol = report.atol = 0.0

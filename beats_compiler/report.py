@@ -172,7 +172,7 @@ def _fmt(v) -> str:
     return f"{x:.3g}" if math.isfinite(x) else "inf"
 
 
-ERROR_LINE_LIMIT = 200  # characters of a one-line error (before the "beats-compile: " prefix)
+ERROR_LINE_LIMIT = 185  # characters of a one-line error: with the CLI's "beats-compile: " prefix, 200
 
 
 def _short(text, limit: int = 40) -> str:

@@ -115,7 +115,7 @@ def test_npu_verifies_or_names_the_node(corpus, name, capfd):
     if name in NPU_REFUSES:
         with pytest.raises(InputError, match=r"npu: node '.+' " + re.escape(NPU_REFUSES[name])) as exc:
             bc.compile(str(corpus[name]), "npu", calib="random")
-        assert len(str(exc.value)) <= 200
+        assert len("beats-compile: error: " + str(exc.value)) <= 200
         _quiet(capfd)
         return
     r = bc.compile(str(corpus[name]), "npu", calib="random")
@@ -124,7 +124,7 @@ def test_npu_verifies_or_names_the_node(corpus, name, capfd):
     if name in NPU_FAILS:
         assert not r.report.verified and worst < 0.99
         line = r.report.failure_line()
-        assert len(line) <= 200, line
+        assert len("beats-compile: " + line) <= 200, line
         assert r.report.culprit and r.report.culprit.get("pass") and r.report.culprit.get("node"), r.report.culprit
         assert f"first differing pass: {r.report.culprit['pass']}" in line and r.report.culprit["node"][:40] in line
     else:
