@@ -142,7 +142,7 @@ class CompileReport:
             if len(full) <= ERROR_LINE_LIMIT or not c.get("pass"):
                 line = full
             else:  # the pass and the node, without the tensor and figures
-                line += f"; first differing pass: {c['pass']}"
+                line += f"; first differing pass: {c['pass']}" + (f" (round {c['round']})" if c.get("round") else "")
                 if c.get("node"):
                     line += f", node '{_short(c['node'], 50)}'" + (f" ({c['op_type']})" if c.get("op_type") else "")
         if len(line) > ERROR_LINE_LIMIT:
