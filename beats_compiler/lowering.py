@@ -188,6 +188,13 @@ def _finish_fp16(base, original, loaded, profile, fp32_ops, *, verify, inputs, r
         report.verify_input_source = ver.input_source
         report.latency_ms_before = ver.latency_ms_before
         report.latency_ms_after = ver.latency_ms_after
+    else:  # unverified, but never a model ONNX Runtime cannot load
+        from .verify import _Session, short_message
+
+        try:
+            _Session(final, None, optimize="extended").close()
+        except Exception as exc:
+            raise TargetError(f"ONNX Runtime cannot load the fp16 result: {short_message(exc, 120)}") from None
     _apply_strict(report, leg, strict)
     report.seconds = round(time.perf_counter() - t0, 4)
     base.model = final

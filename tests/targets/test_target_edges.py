@@ -198,3 +198,23 @@ def test_a_backend_crash_is_named_not_suffered(tmp_path, monkeypatch, capsys):
     assert code == 4 and len(err) == 1, err
     assert "crashes (SIGABRT)" in err[0] and "node 'mm2' (MatMul)" in err[0] and len(err[0]) <= 220
     assert not (tmp_path / "m.beats.onnx").exists()
+
+
+def test_gpu_without_verification_still_never_writes_an_unloadable_model(tmp_path, monkeypatch, capsys):
+    """--no-verify skips the comparison, not the load: a converter result ONNX Runtime
+    refuses (here an fp16 scale on a DequantizeLinear at opset 17, what the block
+    list now prevents) is exit 4 and nothing is written."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from beats_compiler import gpu
+
+    _mlp(tmp_path / "m.onnx", np.random.default_rng(6), embedding=True)
+    quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    real = gpu.to_fp16
+    monkeypatch.setattr(gpu, "to_fp16", lambda model, block: real(model, [o for o in block if "Quantize" not in o]))
+    monkeypatch.setattr(gpu, "conversion_skip_reason", lambda model: "")
+    out = tmp_path / "o.onnx"
+    code = main([str(tmp_path / "q.onnx"), "--target", "gpu", "--no-verify", "-q", "-o", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 4 and len(err) == 1 and "ONNX Runtime cannot load the fp16 result" in err[0], err
+    assert not out.exists()
