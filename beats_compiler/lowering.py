@@ -325,7 +325,7 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
     else:
         form, node = npu.quantized_form(fp32)
         if form == "integer":
-            raise InputError(f"npu: node '{node.name[:50]}' ({node.op_type}) is quantized already (dynamic or QLinear "
+            raise InputError(f"npu: node '{node.name[:40]}' ({node.op_type}) is quantized already (dynamic/QLinear "
                              "int8): the QNN HTP cannot run it; give the float model")
         if form == "qdq":  # its own scales are kept: nothing to calibrate
             q = npu.Quantized(fp32, False, "from the model", "from the model", False, 0)
