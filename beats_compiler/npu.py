@@ -16,7 +16,7 @@ import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -442,8 +442,7 @@ _PROBE_TIMEOUT_S = 1800
 
 def crash_probe(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> None:
     """Raise ``QnnCrash`` naming the node when building the HTP graph of ``model``
-    kills the process: a binary search over topological prefixes, each built in a
-    child process, for the node whose addition makes the backend crash."""
+    kills the process: ``_breaking_node`` with each prefix built in a child process."""
     import signal
 
     tmp = tempfile.mkdtemp(prefix="beats-qnn-probe-")
@@ -453,23 +452,12 @@ def crash_probe(model: onnx.ModelProto, provider: Mapping[str, str] | None = Non
         code = _probe(path, provider)
         if code >= 0:
             return
-        nodes = list(model.graph.node)
-        inferred = onnx.shape_inference.infer_shapes(model)
-        types = {v.name: v.type.tensor_type.elem_type
-                 for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
 
-        def crashes(k: int) -> bool:
-            onnx.save_model(_prefix(model, k, types), path)
+        def crashes(prefix: onnx.ModelProto) -> bool:
+            onnx.save_model(prefix, path)
             return _probe(path, provider) < 0
 
-        lo, hi = 0, len(nodes)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if crashes(mid):
-                hi = mid
-            else:
-                lo = mid
-        node = _compute_node(nodes, nodes[hi - 1])
+        node = _breaking_node(model, crashes)
         try:
             sig = signal.Signals(-code).name
         except ValueError:
@@ -530,34 +518,40 @@ def _prefix(model: onnx.ModelProto, k: int, types: Mapping[str, int]) -> onnx.Mo
     return onnx.helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
 
 
-def capacity_culprit(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> onnx.NodeProto | None:
-    """The node whose addition makes the HTP graph fail to finalize: binary
-    search over topological prefixes of the QDQ model (a Q or DQ node found
-    is mapped to the compute node it quantizes)."""
+def _breaking_node(model: onnx.ModelProto, breaks: Callable[[onnx.ModelProto], bool]) -> onnx.NodeProto:
+    """The node whose addition makes ``breaks`` true, for a ``model`` it breaks:
+    binary search over topological prefixes (``_prefix``); a Q or DQ node found
+    is mapped to the compute node it quantizes."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type
              for v in [*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input]}
+    nodes = list(model.graph.node)
+    lo, hi = 0, len(nodes)  # prefix(lo) builds, prefix(hi) breaks
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if breaks(_prefix(model, mid, types)):
+            hi = mid
+        else:
+            lo = mid
+    return _compute_node(nodes, nodes[hi - 1])
 
-    def fails(k: int) -> bool:
+
+def capacity_culprit(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> onnx.NodeProto | None:
+    """The node whose addition makes the HTP graph fail to finalize (``_breaking_node``),
+    or None when the whole model builds."""
+
+    def fails(m: onnx.ModelProto) -> bool:
         try:
-            qnn_session(_prefix(model, k, types), provider=provider)
+            qnn_session(m, provider=provider)
         except QnnSessionError as exc:
             return exc.capacity
         except Exception:
             return False
         return False
 
-    nodes = list(model.graph.node)
-    if not nodes or not fails(len(nodes)):
+    if not model.graph.node or not fails(model):
         return None
-    lo, hi = 0, len(nodes)  # prefix(lo) builds, prefix(hi) fails
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if fails(mid):
-            hi = mid
-        else:
-            lo = mid
-    return _compute_node(nodes, nodes[hi - 1])
+    return _breaking_node(model, fails)
 
 
 def precompile(model: onnx.ModelProto, provider: Mapping[str, str] | None = None) -> bytes:
