@@ -30,6 +30,7 @@ from onnx import TensorProto, helper
 from passes import AddLayerNormBias, AddLayerNormStatOutputs, UntieLayerNormParams, to_graph, to_model
 from passes.convert import quiet
 
+from ..validate import tensor_nbytes
 from . import gradients as G
 
 ORT_TRAINING = "ONNX Runtime training 1.19.2"
@@ -491,7 +492,7 @@ def _read_frozen_directly(model: onnx.ModelProto, trainable: list[str]) -> tuple
             continue
         for i, x in enumerate(n.input):
             t = inits.get(x)
-            if t is None or x not in frozen or _init_bytes(t) > _UNTIE_MAX_BYTES:
+            if t is None or x not in frozen or (tensor_nbytes(t) or 0) > _UNTIE_MAX_BYTES:
                 continue
             if x not in seen:
                 seen.add(x)
@@ -518,14 +519,7 @@ def _read_frozen_directly(model: onnx.ModelProto, trainable: list[str]) -> tuple
 
 
 _ELEMENTWISE = frozenset({"Mul", "Add", "Sub", "Div"})
-_UNTIE_MAX_BYTES = 1 << 20
-
-
-def _init_bytes(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    return n * 8
+_UNTIE_MAX_BYTES = 1 << 20  # larger frozen operands are not copied
 
 
 def _legalize(model: onnx.ModelProto, trainable: list[str], base_dir: str | None) -> tuple[onnx.ModelProto, list[str]]:
