@@ -299,17 +299,6 @@ def resolve_npu_inputs(original: onnx.ModelProto, input_shapes, calib, inputs):
     return shapes, data
 
 
-def _quantize(fp32, data, report, npu, activation_type, weight_type, per_channel):
-    t = time.perf_counter()
-    q = npu.quantize_qdq(fp32, data.calib, activation_type=activation_type, weight_type=weight_type,
-                         per_channel=per_channel)
-    _check(q.model, "quantized model")
-    stats = {"qnn_preprocessed": int(q.preprocessed), "calib_samples": q.calib_samples}
-    report.passes.append({"name": "quantize_qdq", "round": 0, "modified": True,
-                          "seconds": round(time.perf_counter() - t, 6), "stats": stats})
-    return q
-
-
 def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precompile, activation_type, weight_type,
                 per_channel, min_cosine, soc_model, say, t0, npu):
     from .verify import _Session
@@ -335,7 +324,13 @@ def _finish_qdq(base, original, loaded, profile, data, *, verify, strict, precom
             report.warnings.append("the model is QDQ-quantized already: its scales are kept (no calibration)")
         else:
             say("quantizing (QDQ)")
-            q = _quantize(fp32, data, report, npu, activation_type, weight_type, per_channel)
+            t = time.perf_counter()
+            q = npu.quantize_qdq(fp32, data.calib, activation_type=activation_type, weight_type=weight_type,
+                                 per_channel=per_channel)
+            _check(q.model, "quantized model")
+            report.passes.append({"name": "quantize_qdq", "round": 0, "modified": True,
+                                  "seconds": round(time.perf_counter() - t, 6),
+                                  "stats": {"qnn_preprocessed": int(q.preprocessed), "calib_samples": q.calib_samples}})
     _update_after(report, q.model)
     report.warnings.extend(data.warnings)
     fp32_reasons = legal.node_reasons(fp32, profile)
