@@ -166,14 +166,19 @@ class UpcastFloat16(Pass):
     name = "upcast_float16"
 
     def call(self, graph: gs.Graph) -> PassResult:
-        from .graph import NameScope
+        from .graph import NameScope, replace_uses
 
         changed = 0
         for g in iter_graphs(graph):
+            kept = {id(t) for t in g.inputs} | ({id(t) for t in g.outputs} if g is graph else set())
             for t in g.tensors().values():
-                if isinstance(t, gs.Constant) and t.dtype == np.float16:
+                if t.dtype != np.float16:
+                    continue
+                if isinstance(t, gs.Constant):
                     t.values = np.asarray(const_value(t), dtype=np.float32)
                     changed += 1
+                elif id(t) not in kept:
+                    t.dtype = np.float32
             edge = {id(t) for t in graph.outputs} if g is graph else set()
             for node in g.nodes:
                 if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT16 \
@@ -184,29 +189,25 @@ class UpcastFloat16(Pass):
                     if isinstance(value, gs.Constant) and value.dtype == np.float16:
                         node.attrs[key] = gs.Constant(value.name, np.asarray(const_value(value), np.float32))
                         changed += 1
-            for t in g.tensors().values():
-                if isinstance(t, gs.Variable) and t.dtype == np.float16 and t not in g.inputs \
-                        and not (g is graph and t in g.outputs):
-                    t.dtype = np.float32
-        names = NameScope(graph)
+        names = None
         edges = 0
-        for i, x in enumerate(graph.inputs):
-            readers = [n for n in graph.nodes if any(t is x for t in n.inputs)]
-            if x.dtype != np.float16 or all(_is_cast(n, onnx.TensorProto.FLOAT) for n in readers):
+        for x in graph.inputs:
+            if x.dtype != np.float16 or all(_is_cast(n, onnx.TensorProto.FLOAT) for n in x.outputs):
                 continue
+            names = names or NameScope(graph)
             x32 = gs.Variable(names.fresh(f"{x.name}_fp32"), np.float32, x.shape)
-            for reader in graph.nodes:
-                _swap(reader.inputs, x, x32)
+            replace_uses(x, x32)
             graph.nodes.insert(0, gs.Node("Cast", names.fresh(f"{x.name}_to_fp32"), {"to": onnx.TensorProto.FLOAT},
                                           [x], [x32]))
             edges += 1
-        for i, y in enumerate(graph.outputs):
+        for y in graph.outputs:
             if y.dtype != np.float16 or any(_is_cast(n, onnx.TensorProto.FLOAT16) for n in y.inputs):
                 continue
+            names = names or NameScope(graph)
             y32 = gs.Variable(names.fresh(f"{y.name}_fp32"), np.float32, y.shape)
-            for node in graph.nodes:
-                _swap(node.outputs, y, y32)
-                _swap(node.inputs, y, y32)
+            for producer in list(y.inputs):
+                _swap(producer.outputs, y, y32)
+            replace_uses(y, y32)
             graph.nodes.append(gs.Node("Cast", names.fresh(f"{y.name}_to_fp16"), {"to": onnx.TensorProto.FLOAT16},
                                        [y32], [y]))
             edges += 1
