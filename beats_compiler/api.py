@@ -199,6 +199,7 @@ def transform(
         outputs=[] if ver is None else [o.to_dict() for o in ver.outputs],
         verify_inputs={} if ver is None else ver.inputs,
         verify_input_source=None if ver is None else ver.input_source,
+        verify_inputs_generated={} if ver is None else ver.generated,
         warnings=warnings,
         command=command,
         reparam=done.reparam,

@@ -494,13 +494,6 @@ def integer_bounds(model: onnx.ModelProto) -> dict[str, int]:
 # --------------------------------------------------------------------------- generator
 
 
-class InputShapes(dict):
-    """``{input: shape}`` of the inputs a verification used; ``generated`` says how
-    each generated input was made (empty for the user's inputs)."""
-
-    generated: dict[str, str] = {}
-
-
 @dataclass
 class Candidate:
     feeds: dict[str, np.ndarray]

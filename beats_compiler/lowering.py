@@ -186,6 +186,7 @@ def _finish_fp16(base, original, loaded, profile, fp32_ops, *, verify, inputs, r
         report.outputs = [o.to_dict() for o in ver.outputs]
         report.verify_inputs = ver.inputs
         report.verify_input_source = ver.input_source
+        report.verify_inputs_generated = ver.generated
         report.latency_ms_before = ver.latency_ms_before
         report.latency_ms_after = ver.latency_ms_after
     else:  # unverified, but never a model ONNX Runtime cannot load

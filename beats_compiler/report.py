@@ -83,6 +83,9 @@ class CompileReport:
     outputs: list[dict] = field(default_factory=list)
     verify_inputs: dict[str, list[int]] = field(default_factory=dict)
     verify_input_source: str | None = None
+    # how each generated verification input was made ({input: "int64 [2,7] mask 0/1, mostly 1
+    # (Cast to bool)", ..., "<dims>": "batch=2, seq=3; ..."}); empty for the user's inputs
+    verify_inputs_generated: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     command: str = "compile"
     reparam: dict | None = None  # insert/fold/unfold: weights, trainable parameter counts
@@ -95,18 +98,8 @@ class CompileReport:
     # differs and the node of that output (beats_compiler.bisect); None when not searched.
     culprit: dict | None = None
 
-    @property
-    def verify_inputs_generated(self) -> dict[str, str]:
-        """How each generated verification input was made (``{input: "int64 [2,7] mask 0/1,
-        mostly 1 (Cast to bool)", ..., "<dims>": "batch=2, seq=3; ..."}``); empty for the
-        user's inputs.  Carried by ``verify_inputs`` (``inputs.InputShapes``), so every
-        path that copies a verification's shapes into the report carries it too."""
-        return dict(getattr(self.verify_inputs, "generated", None) or {})
-
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out["verify_inputs_generated"] = self.verify_inputs_generated
-        return out
+        return asdict(self)
 
     def to_json(self) -> str:
         return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False, default=_jsonable)

@@ -18,7 +18,7 @@ import onnx
 from .errors import InputError
 from passes.convert import uses_external_refs
 
-from .inputs import InputGenerator, InputShapes
+from .inputs import InputGenerator
 from .io import needs_external_data, save_model
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)
@@ -53,10 +53,10 @@ class Verification:
     outputs: list[OutputDiff]
     latency_ms_before: float | None
     latency_ms_after: float | None
-    # the shapes of the inputs used; for generated ones an ``InputShapes`` whose
-    # ``generated`` says how each was made (``inputs.InputGenerator.describe``)
-    inputs: dict[str, list[int]] = field(default_factory=dict)
+    inputs: dict[str, list[int]] = field(default_factory=dict)  # the shapes of the inputs used
     input_source: str = "generated"
+    # how each generated input was made (``inputs.InputGenerator.describe``); empty for the user's
+    generated: dict[str, str] = field(default_factory=dict)
 
     def failed_outputs(self) -> list[OutputDiff]:
         return [o for o in self.outputs if not o.ok]
@@ -287,10 +287,8 @@ def pick_generated(so, generator: InputGenerator):
     raise generator.failure(errors)
 
 
-def _shapes(feeds, generated: dict[str, str] | None = None) -> InputShapes:
-    out = InputShapes({k: list(np.shape(v)) for k, v in feeds.items()})
-    out.generated = dict(generated or {})
-    return out
+def _shapes(feeds) -> dict[str, list[int]]:
+    return {k: list(np.shape(v)) for k, v in feeds.items()}
 
 
 def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, seed,
@@ -332,13 +330,14 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
         described = generator.describe(cand, note)
         if cand.notes:
             described["<note>"] = "; ".join(filter(None, [described.get("<note>")] + cand.notes))
-    shapes = _shapes(feeds, described)
+    shapes = _shapes(feeds)
     out_names = [o.name for o in so.get_outputs()]
     try:
         got = sn.run(out_names, feeds)
     except Exception as exc:
         diff = OutputDiff("<run>", False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: {short_message(exc)}")
-        return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None, shapes, input_source)
+        return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None, shapes, input_source,
+                            described)
     diffs = [_compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, expected, got)]
     if extra_run is not None:
         zero, zero_expected = extra_run
@@ -370,6 +369,7 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
         latency_ms_after=lat_a,
         inputs=shapes,
         input_source=input_source,
+        generated=described,
     )
 
 

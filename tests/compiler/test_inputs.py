@@ -198,7 +198,7 @@ def test_zero_length_past_is_verified_too():
     assert zero.feeds["past"].shape[2] == 0 and zero.feeds["mask"].shape[1] == zero.feeds["x"].shape[2]
     session(m).run(None, zero.feeds)  # the empty cache is a valid input
     ver = verify(m, m, measure_latency=False)
-    assert ver.verified and "P = 0 also verified" in ver.inputs.generated["<dims>"]
+    assert ver.verified and "P = 0 also verified" in ver.generated["<dims>"]
     # a result that is wrong only on an empty cache fails verification
     bad = verify(kv_model(offset_on_empty=False), kv_model(offset_on_empty=True), measure_latency=False)
     assert not bad.verified
