@@ -6,13 +6,13 @@ import os as _os
 # nothing removes; beats-compile leaves no file behind in the temp folder.
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-from .api import CompileResult, InternalError, compile
-from .errors import BeatsError, InputError, VerificationError
+from .api import CompileResult, compile
+from .errors import BeatsError, InputError, InternalError, VerificationError
 from .io import load_model, save_model
 from .report import CompileReport
 from .targets import TARGETS
 
-__version__ = "0.1.0"
+from .version import VERSION as __version__
 
 __all__ = [
     "BeatsError",

@@ -32,6 +32,9 @@ import onnx
 
 from passes import PassManager, to_graph, to_model
 from passes.convert import quiet
+from passes.graph import is_sorted
+
+from .errors import short_message
 
 NODE_LIMIT = 2000  # node-level localisation on larger graphs is skipped (memory, time)
 BYTES_LIMIT = 1 << 30  # ... and where the exposed tensors would exceed this
@@ -71,10 +74,8 @@ class Pipeline:
         manager = PassManager(self.make_passes(), max_rounds=self.max_rounds, disabled=self.disabled,
                               on_pass=on_pass)
         manager.run(graph)
-        from .api import _is_sorted
-
         with quiet():
-            if not _is_sorted(graph, set()):
+            if not is_sorted(graph):
                 graph.toposort()
         return to_model(graph, env)
 
@@ -95,19 +96,15 @@ def step_stage(name: str, fn: Callable[[onnx.ModelProto], onnx.ModelProto]) -> S
 
 def _session(model: onnx.ModelProto, base_dir=None, optimize: bool | str = "extended"):
     # "extended": ORT's CPU-only layout level segfaults on some fp16 snapshots (gpu)
-    from .verify import _Session
+    from .verify import Session
 
-    return _Session(model, None, optimize=optimize, base_dir=base_dir)
+    return Session(model, None, optimize=optimize, base_dir=base_dir)
 
 
 def _short(exc: BaseException, limit: int = 100) -> str:
     """A one-line reason: ONNX Runtime's "Non-zero status code ... Status Message:" preamble dropped."""
-    from .verify import short_message
-
-    text = short_message(exc, 1000)
-    if "Status Message: " in text:
-        text = text.split("Status Message: ", 1)[1]
-    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+    text = short_message(exc, None)
+    return short_message(text.split("Status Message: ", 1)[-1], limit)
 
 
 class Reference:
@@ -119,7 +116,7 @@ class Reference:
         from . import verify as v
 
         self.base_dir = base_dir
-        sess = v._Session(model, path, base_dir=base_dir)
+        sess = v.Session(model, path, base_dir=base_dir)
         try:
             so = sess.sess
             self.names = [o.name for o in so.get_outputs()]
@@ -154,9 +151,9 @@ def _generated(v, so, analysis_model, seed: int):
 
 
 def _diffs(names, want, got, rtol, atol):
-    from .verify import _compare
+    from .verify import compare
 
-    return [_compare(n, a, b, rtol, atol) for n, a, b in zip(names, want, got)]
+    return [compare(n, a, b, rtol, atol) for n, a, b in zip(names, want, got)]
 
 
 # --------------------------------------------------------------------------- pass-level search
@@ -331,11 +328,11 @@ def _is_float(a) -> bool:
 
 
 def _allclose(a, b, rtol: float, atol: float) -> tuple[bool, float, str]:
-    from .verify import _compare
+    from .verify import compare
 
     if _is_float(a) and _is_float(b) and a.dtype != b.dtype:  # fp32 vs fp16: compare the values
         a, b = a.astype(np.float64), b.astype(np.float64)
-    d = _compare("", a, b, rtol, atol)
+    d = compare("", a, b, rtol, atol)
     detail = d.detail
     if _is_float(a) and _is_float(b) and a.shape == b.shape:
         fa, fb = np.isfinite(a), np.isfinite(b)
@@ -345,7 +342,7 @@ def _allclose(a, b, rtol: float, atol: float) -> tuple[bool, float, str]:
 
 
 def cosine(a, b) -> float:
-    from .npu import cosine as _cos
+    from .targets.qnn import cosine as _cos
 
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
@@ -701,7 +698,7 @@ def quantized(fp32: onnx.ModelProto, qdq: onnx.ModelProto, samples: Sequence[Map
     return _healthy(step, None, loc, notes=notes)
 
 
-# --------------------------------------------------------------------------- gpu and npu (beats_compiler.lowering)
+# --------------------------------------------------------------------------- gpu and npu (beats_compiler.targets)
 
 
 def _numeric_failure(report) -> bool:
@@ -709,75 +706,78 @@ def _numeric_failure(report) -> bool:
     return report.verified is False and any(not o.get("ok", True) for o in report.outputs)
 
 
-def _fp32_pipeline(profile, options, disable, max_rounds) -> Pipeline:
-    from .targets import build_passes, check_disabled
+def _fp32_pipeline(ctx) -> Pipeline:
+    from .targets import build_passes
 
-    return Pipeline(lambda: build_passes(profile, options), check_disabled(profile, disable) & set(profile.passes),
-                    max_rounds)
+    profile, options = ctx.profile, ctx.pass_options
+    return Pipeline(lambda: build_passes(profile.passes, options), ctx.disabled & set(profile.passes),
+                    ctx.options.passes.max_rounds)
 
 
-def for_fp16(result, *, bisect: bool, original, loaded, profile, options, disable, max_rounds, fp32_ops, inputs,
-             say=None):
+def for_lowered(result, ctx):
+    """``report.culprit`` of a gpu/npu compile (``targets.lowering.Lowering``)
+    when verification failed on the numbers or ``bisect`` was asked."""
+    say = ctx.say
+    if ctx.profile.convert == "fp16":
+        return for_fp16(result, ctx, say=say)
+    held_out = ctx.state["data"].held_out
+    return for_qdq(result, ctx, samples=held_out, say=say)
+
+
+def for_fp16(result, ctx, *, say=None):
     """gpu: the fp32 passes, the fp16 conversion and the cleanup passes after it,
     each checked against the original with the target's tolerance; the
     conversion's node by the tensors whose names survive its Casts."""
     report = result.report
     failed = _numeric_failure(report)
-    if not (bisect or failed):
+    if not (ctx.options.bisect or failed):
         return result
     (say or (lambda _m: None))("looking for the step that changes the outputs")
     try:
-        from . import gpu
-        from .targets import PipelineOptions, build_passes, check_disabled
+        from .targets import build_passes
+        from .targets import gpu
 
+        original, loaded, profile = ctx.original, ctx.loaded, ctx.profile
         path = loaded.path if loaded is not None else None
-        ref = Reference(None if path is not None else original, path, inputs=inputs, analysis_model=original)
-        state: dict = {}
-
-        def convert(model: onnx.ModelProto) -> onnx.ModelProto:
-            fp32 = onnx.ModelProto()
-            fp32.CopyFrom(model)
-            gpu.name_unnamed_casts(fp32)
-            state["protected"] = gpu.cast_names(fp32)
-            skip = getattr(gpu, "conversion_skip_reason", lambda _m: None)(fp32)  # as lowering._finish_fp16
-            return fp32 if skip else gpu.to_fp16(fp32, tuple(profile.fp32_ops) + tuple(fp32_ops))
+        ref = Reference(None if path is not None else original, path, inputs=ctx.options.verify.inputs,
+                        analysis_model=original)
+        convert = gpu.ConvertFloatToFloat16(gpu.block_ops(profile, ctx.options.target_options.fp32_ops))
 
         def post(model: onnx.ModelProto, hook: Hook) -> onnx.ModelProto:
-            opts = PipelineOptions(protected_casts=state["protected"], drop_new_lossy_casts=True)
-            p = Pipeline(lambda: build_passes(profile, opts, post=True),
-                         check_disabled(profile, disable) & set(profile.post_passes), max_rounds)
+            opts = gpu.post_options(convert.protected)
+            p = Pipeline(lambda: build_passes(profile.post_passes, opts), ctx.disabled & set(profile.post_passes),
+                         ctx.options.passes.max_rounds)
             return p.run(model, hook)
 
-        stages = [_fp32_pipeline(profile, options, disable, max_rounds).run,
-                  step_stage("convert_float_to_float16", convert), post]
+        stages = [_fp32_pipeline(ctx).run, step_stage(convert.name, lambda m: convert.call(m).model), post]
         report.culprit = find(stages, original, ref, rtol=report.rtol, atol=report.atol, failed=failed)
     except Exception as exc:  # noqa: BLE001 - the search must not hide the verification result
         report.culprit = failed_search(exc)
     return result
 
 
-def for_qdq(result, *, bisect: bool, original, loaded, profile, options, disable, max_rounds, samples,
-            activation_type: str, say=None):
+def for_qdq(result, ctx, *, samples, say=None):
     """npu: the fp32 passes checked against the original (fp32 tolerance, on a
     held-out sample); when they all match, the quantization, with the node
     whose dequantized output loses the most cosine similarity."""
     report = result.report
     failed = _numeric_failure(report)
-    if not (bisect or failed):
+    if not (ctx.options.bisect or failed):
         return result
     (say or (lambda _m: None))("looking for the step that loses accuracy")
     try:
         from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
         samples = list(samples)
+        original, loaded = ctx.original, ctx.loaded
         path = loaded.path if loaded is not None else None
         ref = Reference(None if path is not None else original, path, inputs=samples[0])
-        pipe = _fp32_pipeline(profile, options, disable, max_rounds)
+        pipe = _fp32_pipeline(ctx)
         culprit, final, _largest = search_passes([pipe.run], original, ref, rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL)
         if culprit is not None:
             culprit.setdefault("notes", []).append("fp32 passes are checked with the fp32 tolerances "
                                                    f"(rtol {DEFAULT_RTOL:g}, atol {DEFAULT_ATOL:g})")
-        elif activation_type == "float16":
+        elif ctx.options.target_options.activation_type == "float16":
             what = ("no fp32 pass changes the outputs beyond tolerance; the HTP's fp16 execution is not "
                     "localised (it runs on the HTP only)")
             culprit = (culprit_dict("htp_fp16", None, None, message="first differing step: htp_fp16 (" + what + ")")

@@ -9,12 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_VERIFY, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(EXIT_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+from .cli_common import EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY, Parser, human, positive_float
+from .errors import short_message
 
 
 def _size(text: str) -> int:
@@ -28,16 +24,6 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 512k, 16M, 1G)") from None
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return v
-
-
 def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("model", help="input .onnx file (never modified)")
     p.add_argument("-o", "--output", help=f"output path (default: {default_out} beside the input)")
@@ -47,8 +33,8 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--bisect", action="store_true",
                    help="name the pass and node that change the outputs most, even when verification passes "
                         "(done anyway when it fails)")
-    p.add_argument("--rtol", type=_positive_float, help="relative tolerance of verification")
-    p.add_argument("--atol", type=_positive_float, help="absolute tolerance of verification")
+    p.add_argument("--rtol", type=positive_float, help="relative tolerance of verification")
+    p.add_argument("--atol", type=positive_float, help="absolute tolerance of verification")
     p.add_argument("--external-data", action="store_true",
                    help="write weights to <output>.data (automatic over 2 GB or when the input used external data)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -76,9 +62,9 @@ def _limits(args: argparse.Namespace):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .targets import PASSES, TARGETS
+    from .targets import TARGETS, target_passes
 
-    p = _Parser(
+    p = Parser(
         prog="beats-compile",
         description="Optimize an ONNX model for a target and prove on ONNX Runtime that it computes the same function. "
                     "Subcommands: `beats-compile insert|fold|unfold MODEL ...` (see `beats-compile insert --help`), "
@@ -90,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true",
                    help="verify, but skip the latency measurement (up to 2 s of alternating ORT runs)")
     p.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
-                   help=f"skip a pass (repeatable): {', '.join(PASSES)}")
+                   help=f"skip a pass (repeatable): {', '.join(target_passes())}")
     p.add_argument("--fold-size-limit", type=_size, metavar="BYTES",
                    help="most bytes one constant fold may add to the model (default 4M); larger folds are skipped")
     p.add_argument("--fold-memory-limit", type=_size, metavar="BYTES",
@@ -114,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "backend's; it sets the HTP memory a graph may use, and the fp16 mode needs one)")
     t.add_argument("--weight-type", default="uint8", choices=("uint8", "int8"), help="npu: weight type (default uint8)")
     t.add_argument("--per-channel", action="store_true", help="npu: per-channel weights (Conv; MatMul/Gemm as int8 symmetric per output channel)")
-    t.add_argument("--min-cosine", type=_positive_float, metavar="C",
+    t.add_argument("--min-cosine", type=positive_float, metavar="C",
                    help="npu: least cosine similarity to fp32 on held-out inputs (default 0.99)")
     t.add_argument("--precompile", action="store_true",
                    help="npu: also write <stem>.ctx.onnx, an EPContext model holding the compiled QNN HTP context")
@@ -139,7 +125,7 @@ TRAINING_SUBCOMMANDS = ("artifacts", "train")
 def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
     epilog = "Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error."
     if cmd == "insert":
-        p = _Parser(prog="beats-compile insert", epilog=epilog,
+        p = Parser(prog="beats-compile insert", epilog=epilog,
                     description="Reparameterize selected weights as W0 + D (.) V (V = 0: the function is unchanged). "
                                 "Also writes <OUT stem>.trainable.json beside the output.")
         _common(p, "<stem>.inserted.onnx")
@@ -155,28 +141,18 @@ def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=None, help="seed of the random D (and A) initialization (default 0)")
         p.add_argument("--d-scale", type=float, default=None, help="D = 1 + d_scale * N(0,1) (default 0.02)")
     elif cmd == "fold":
-        p = _Parser(prog="beats-compile fold", epilog=epilog,
+        p = Parser(prog="beats-compile fold", epilog=epilog,
                     description="Fold W0 + D (.) V into each reparameterized weight: the original nodes, no inference cost.")
         _common(p, "<stem>.folded.onnx")
         p.add_argument("--values", metavar="X.npz", help="trained D/V tensors by name (instead of the model's own)")
         p.add_argument("--adapter", metavar="A.npz", help="an adapter (D/V plus records): also applies to the base model")
         p.add_argument("--save-adapter", metavar="A.npz", help="also save the D/V being folded as an adapter file")
     else:
-        p = _Parser(prog="beats-compile unfold", epilog=epilog,
+        p = Parser(prog="beats-compile unfold", epilog=epilog,
                     description="Re-insert an adapter's D/V into a folded model to continue training.")
         _common(p, "<stem>.unfolded.onnx")
         p.add_argument("--adapter", metavar="A.npz", required=True, help="the adapter the model was folded with")
     return p
-
-
-def _human(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def _fmt(v, spec: str = "") -> str:
@@ -195,8 +171,8 @@ def _print_summary(console, report) -> None:
     t.add_column("after", justify="right")
     t.add_row("nodes", str(report.nodes_before), str(report.nodes_after))
     t.add_row("initializers", str(report.initializers_before), str(report.initializers_after))
-    t.add_row("weights", _human(report.weight_bytes_before), _human(report.weight_bytes_after))
-    t.add_row("file size", _human(report.file_size_before), _human(report.file_size_after))
+    t.add_row("weights", human(report.weight_bytes_before), human(report.weight_bytes_after))
+    t.add_row("file size", human(report.file_size_before), human(report.file_size_after))
     t.add_row("latency (median, ORT CPU)",
               _fmt(report.latency_ms_before, ".3f") + " ms" if report.latency_ms_before is not None else "-",
               _fmt(report.latency_ms_after, ".3f") + " ms" if report.latency_ms_after is not None else "-")
@@ -367,8 +343,9 @@ def _finish(args, console, result, out: Path, report_path: Path | None, external
 
 
 def run_compile(args: argparse.Namespace, console) -> int:
-    from . import api
+    from . import pipeline
     from .errors import InputError
+    from .options import CompileOptions, PassOptions, TargetOptions, VerifyOptions
 
     loaded, out, report_path, external, inputs = _prepare(args, ".beats.onnx")
     if args.max_rounds < 1:
@@ -382,33 +359,23 @@ def run_compile(args: argparse.Namespace, console) -> int:
 
         ctx_path = out.with_name((out.name[:-5] if out.name.endswith(".onnx") else out.name) + ".ctx.onnx")
         check_output_path(loaded, ctx_path, external_data=False)
+    options = CompileOptions(
+        target=args.target,
+        passes=PassOptions(disable=tuple(args.disable_pass or ()), max_rounds=args.max_rounds,
+                           check_each_pass=args.check_each_pass, fold_size_limit=args.fold_size_limit,
+                           fold_memory_limit=args.fold_memory_limit),
+        verify=VerifyOptions(enabled=not args.no_verify, inputs=inputs, rtol=args.rtol, atol=args.atol,
+                             measure_latency=not args.no_latency),
+        target_options=TargetOptions(input_shapes=shapes or None, calib=args.calib,
+                                     fp32_ops=tuple(o.strip() for o in args.fp32_ops.split(",") if o.strip()),
+                                     precompile=args.precompile, activation_type=args.activation_type,
+                                     weight_type=args.weight_type, per_channel=args.per_channel,
+                                     min_cosine=args.min_cosine, soc_model=args.soc_model),
+        strict=args.strict,
+        bisect=args.bisect,
+    )
     with _Status(console, args.quiet) as progress:
-        result = api.compile(
-            loaded,
-            args.target,
-            verify=not args.no_verify,
-            measure_latency=not args.no_latency,
-            inputs=inputs,
-            rtol=args.rtol,
-            atol=args.atol,
-            disable=args.disable_pass,
-            max_rounds=args.max_rounds,
-            fold_size_limit=args.fold_size_limit,
-            fold_memory_limit=args.fold_memory_limit,
-            check_each_pass=args.check_each_pass,
-            progress=progress,
-            strict=args.strict,
-            input_shapes=shapes or None,
-            calib=args.calib,
-            fp32_ops=[o for o in args.fp32_ops.split(",") if o.strip()],
-            precompile=args.precompile,
-            activation_type=args.activation_type,
-            weight_type=args.weight_type,
-            per_channel=args.per_channel,
-            min_cosine=args.min_cosine,
-            soc_model=args.soc_model,
-            bisect=args.bisect,
-        )
+        result = pipeline.compile(loaded, options, progress)
 
     def write_ctx(_out: Path) -> None:
         from .io import atomic_write_bytes
@@ -525,10 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_reparam(cmd, args, console) if cmd else run_compile(args, console)
     except BeatsError as exc:
         kind = "internal error" if exc.exit_code == EXIT_INTERNAL else "error"
-        err.print(f"beats-compile: {kind}: {_one_line(str(exc))}", markup=False, soft_wrap=True)
+        err.print(f"beats-compile: {kind}: {short_message(str(exc), None, raw=True)}", markup=False, soft_wrap=True)
         if args.debug:
             traceback.print_exc()
-        _report_error(args, cmd, exc.exit_code, _one_line(str(exc)))
+        _report_error(args, cmd, exc.exit_code, short_message(str(exc), None, raw=True))
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("beats-compile: interrupted", markup=False)
@@ -537,11 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         err.print("beats-compile: error: out of memory", markup=False)
         return EXIT_INTERNAL
     except Exception as exc:  # a bug: one line unless --debug
-        err.print(f"beats-compile: internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+        err.print(f"beats-compile: internal error: {type(exc).__name__}: {short_message(str(exc), None, raw=True)}"
                   + ("" if args.debug else " (rerun with --debug for the traceback)"), markup=False, soft_wrap=True)
         if args.debug:
             traceback.print_exc()
-        _report_error(args, cmd, EXIT_INTERNAL, f"{type(exc).__name__}: {_one_line(str(exc))}")
+        _report_error(args, cmd, EXIT_INTERNAL, f"{type(exc).__name__}: {short_message(str(exc), None, raw=True)}")
         return EXIT_INTERNAL
 
 
@@ -567,10 +534,6 @@ def _report_error(args, cmd: str | None, code: int, message: str) -> None:
         atomic_write_bytes(path, (_json.dumps(body, indent=2) + "\n").encode())
     except Exception:  # the error itself was already reported on stderr
         pass
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import InputError
+from .errors import InputError, short_message
 
 ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -617,9 +617,7 @@ class InputGenerator:
 
     def failure(self, errors: list[str]) -> InputError:
         """The one-line error when the original fails on every candidate."""
-        from .verify import short_message
-
-        err = short_message(RuntimeError(errors[-1] if errors else "no candidate"), limit=100000)
+        err = short_message(RuntimeError(errors[-1] if errors else "no candidate"), None)
         m = re.search(r"running (\w+) node\. Name:'([^']*)' Status Message: (.*)", err)
         if m:  # "... running Reshape node. Name:'r' Status Message: x == y was false. The input ..."
             detail = re.sub(r"^[^.]{0,200}? was false\. ", "", m.group(3))

@@ -14,11 +14,12 @@ from onnx import external_data_helper, numpy_helper
 
 from passes.convert import ExternalDataError, check_external, open_external, read_external, uses_external_refs
 from passes.graph import ComputedValues, is_computed_ref
+from passes.tensors import tensor_nbytes
 
-from .errors import InputError
+from .errors import InputError, short_message
+from .proto import PROTOBUF_LIMIT, copy_except, is_repeated, model_shell
 from .validate import Limits, UnsortedGraph, read_model_file, sort_nodes, validate_model
 
-PROTOBUF_LIMIT = 2**31 - 1  # serialized protobuf messages cannot exceed 2 GB
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 
 
@@ -71,11 +72,11 @@ def default_output_path(path: str | os.PathLike) -> Path:
     return p.with_name(stem + ".beats.onnx")
 
 
-def _external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+def external_tensors(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
 
 
-def _resolve_external(base: Path, tensor: onnx.TensorProto) -> Path:
+def resolve_external(base: Path, tensor: onnx.TensorProto) -> Path:
     """The checked data file of ``tensor`` (see ``passes.convert.check_external``)."""
     try:
         return Path(check_external(tensor, base)[0])
@@ -96,7 +97,7 @@ def _all_external_tensors(model: onnx.ModelProto):
         for fd, value in msg.ListFields():
             if fd.message_type is None:
                 continue
-            if _repeated(fd):
+            if is_repeated(fd):
                 stack.extend(value)
             else:
                 stack.append(value)
@@ -121,12 +122,12 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
     base = p.parent
     files: dict[Path, None] = {}
     tensors = list(_all_external_tensors(model))
-    in_graph = {id(t) for t in _external_tensors(model)}
+    in_graph = {id(t) for t in external_tensors(model)}
     for t in tensors:
         if id(t) not in in_graph:
             raise InputError(f"{p}: tensor {t.name!r}: external data outside the graph's initializers and "
                              "attributes (a function, sparse tensor or training info) is not supported")
-        files[_resolve_external(base, t)] = None
+        files[resolve_external(base, t)] = None
     if tensors and not lazy:
         for t in tensors:
             try:
@@ -143,7 +144,8 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
 
 def serialized_size(model: onnx.ModelProto) -> int | None:
     """Bytes the model serializes to, or None when that is over protobuf's 2 GB."""
-    inline = sum(_inline_bytes(t) for t in model.graph.initializer if not external_data_helper.uses_external_data(t))
+    inline = sum(tensor_nbytes(t) or 0 for t in model.graph.initializer
+                 if not external_data_helper.uses_external_data(t))
     if inline >= PROTOBUF_LIMIT:  # sizing would encode the whole model only to fail
         return None
     try:
@@ -154,7 +156,6 @@ def serialized_size(model: onnx.ModelProto) -> int | None:
 
 
 _SIZE_BY_PARTS = 16 << 20
-_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
 
 
 def _varint_len(n: int) -> int:
@@ -167,15 +168,15 @@ def _size_by_parts(model: onnx.ModelProto) -> int:
     initializer's ``raw_data`` is counted from its length (field 9 of TensorProto;
     the initializer is field 5 of GraphProto, the graph field 7 of ModelProto,
     every tag one byte)."""
-    graph = _copy_except(model.graph, "initializer").ByteSize()
+    graph = copy_except(model.graph, "initializer").ByteSize()
     for t in model.graph.initializer:
-        if t.HasField("raw_data") and t.data_type not in _PACKED_4BIT and _inline_bytes(t) > 4096:
-            raw = _inline_bytes(t)
-            size = _copy_except(t, "raw_data").ByteSize() + 1 + _varint_len(raw) + raw
+        raw = tensor_nbytes(t) if t.HasField("raw_data") else None  # len(raw_data), without copying it
+        if raw is not None and raw > 4096:
+            size = copy_except(t, "raw_data").ByteSize() + 1 + _varint_len(raw) + raw
         else:
             size = t.ByteSize()
         graph += 1 + _varint_len(size) + size
-    return _copy_except(model, "graph").ByteSize() + 1 + _varint_len(graph) + graph
+    return copy_except(model, "graph").ByteSize() + 1 + _varint_len(graph) + graph
 
 
 _CHECK_INLINE_LIMIT = 1 << 20
@@ -186,10 +187,10 @@ def _checkable(model: onnx.ModelProto) -> onnx.ModelProto:
     initializer kept as external data (the checker would look for its file
     relative to the working directory) or over 1 MiB becomes an empty
     placeholder; the checker checks structure, not weight bytes."""
-    shell = _model_shell(model)
+    shell = model_shell(model)
     for t in model.graph.initializer:
         c = shell.graph.initializer.add()
-        if external_data_helper.uses_external_data(t) or _inline_bytes(t) > _CHECK_INLINE_LIMIT:
+        if external_data_helper.uses_external_data(t) or (tensor_nbytes(t) or 0) > _CHECK_INLINE_LIMIT:
             c.name, c.data_type = t.name, t.data_type
             c.dims.append(0)
         else:
@@ -205,18 +206,12 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
             onnx.checker.check_model(_checkable(model))
     except Exception as exc:
         where = f"{path}: " if path is not None else ""
-        raise InputError(f"{where}invalid model ({_first_line(exc)})") from None
+        raise InputError(f"{where}invalid model ({short_message(exc, None, first_line=True)})") from None
 
 
 def check_model(model: onnx.ModelProto) -> None:
     """The ONNX checker on an in-memory model, as an ``InputError``."""
     _check(model, None)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 
 def needs_external_data(model: onnx.ModelProto) -> bool:
@@ -349,34 +344,6 @@ class _DataWriter:
         self._ref(dst, start, self.offset - start)
 
 
-def _inline_bytes(t: onnx.TensorProto) -> int:
-    n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    try:  # from dims: reading raw_data would copy the whole weight
-        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:
-        return len(t.raw_data) if t.HasField("raw_data") else 0
-
-
-def _repeated(fd) -> bool:
-    flag = getattr(fd, "is_repeated", None)  # protobuf >= 6 drops FieldDescriptor.label
-    return bool(flag) if flag is not None else fd.label == fd.LABEL_REPEATED
-
-
-def _copy_except(src, skip: str):
-    """A copy of the message ``src`` without its field ``skip``."""
-    dst = type(src)()
-    for fd, value in src.ListFields():
-        if fd.name == skip:
-            continue
-        if _repeated(fd):
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
-            getattr(dst, fd.name).CopyFrom(value)
-        else:
-            setattr(dst, fd.name, value)
-    return dst
-
-
 def _nested_tensors(g: onnx.GraphProto):
     """Tensors held in node attributes and subgraphs (not ``g``'s initializers)."""
     for node in g.node:
@@ -390,19 +357,12 @@ def _nested_tensors(g: onnx.GraphProto):
                 yield from _nested_tensors(sub)
 
 
-def _model_shell(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without its top-level initializers (the heavy part)."""
-    shell = _copy_except(model, "graph")
-    shell.graph.CopyFrom(_copy_except(model.graph, "initializer"))
-    return shell
-
-
 def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Path | DataFolder | None) -> SavedModel:
     data_name = out.name + ".data"
     tmpdir = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp"))
     data_tmp = tmpdir / data_name
     try:
-        shell = _model_shell(model)
+        shell = model_shell(model)
         wrote_data = False
         with open(data_tmp, "wb") as f:
             writer = _DataWriter(f, data_name, base_dir)
@@ -412,7 +372,7 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Pa
                     c.CopyFrom(t)
                     writer.add_external(c)
                     wrote_data = True
-                elif _inline_bytes(t) >= _EXTERNAL_THRESHOLD:
+                elif (tensor_nbytes(t) or 0) >= _EXTERNAL_THRESHOLD:
                     writer.move_inline(t, c)
                     wrote_data = True
                 else:

@@ -21,8 +21,11 @@ from passes import Envelope, to_graph, to_model
 from passes import reparam as rp
 from passes.convert import uses_external_refs
 from passes.graph import ComputedValues
+from passes.gs_adapter import lazy_values
 
-from .api import CompileResult, LoadedModel, Progress, _Edit, transform
+from .io import LoadedModel
+from .options import Progress, VerifyOptions
+from .pipeline import CompileResult, Edit, transform
 from .errors import InputError
 from .io import DataFolder, atomic_write_bytes
 
@@ -32,7 +35,7 @@ INSERT_RTOL = 1e-6
 INSERT_ATOL = 1e-6
 
 
-def _get_records(env: Envelope | onnx.ModelProto) -> list[rp.Record]:
+def get_records(env: Envelope | onnx.ModelProto) -> list[rp.Record]:
     for e in env.metadata_props:
         if e.key == rp.RECORD_KEY:
             try:
@@ -64,7 +67,7 @@ def manifest_path(out: Path) -> Path:
 
 def trainable_manifest(model: onnx.ModelProto) -> dict:
     """``<out>.trainable.json``: the trainable (D, V, A, B) and frozen initializer names."""
-    records = _get_records(model)
+    records = get_records(model)
     trainable = [n for r in records for n in r.trainable]
     tset = set(trainable)
     frozen = [t.name for t in model.graph.initializer if t.name not in tset]
@@ -118,8 +121,8 @@ def insert(
     policy = policy or rp.Policy()
     model, source = _streamed(model)
 
-    def edit(graph: gs.Graph, env: Envelope) -> _Edit:
-        old = _get_records(env)
+    def edit(graph: gs.Graph, env: Envelope) -> Edit:
+        old = get_records(env)
         try:
             records, stats = rp.insert(graph, policy, old, stream=source is not None)
         except rp.ReparamError as exc:
@@ -133,7 +136,7 @@ def insert(
             warnings.append("no-op: every selected weight was already inserted")
         _set_records(env, records)
         total = _param_count(graph)
-        return _Edit(
+        return Edit(
             reparam={
                 "inserted": stats.inserted,
                 "already_inserted": stats.already,
@@ -145,8 +148,8 @@ def insert(
             warnings=warnings,
         )
 
-    return transform(model, "insert", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
-                     measure_latency=measure_latency, progress=progress, bisect=bisect)
+    return transform(model, "insert", edit, verify=VerifyOptions(verify, inputs, rtol, atol, measure_latency),
+                     progress=progress, bisect=bisect)
 
 
 def _streamed(model) -> tuple[object, DataFolder | None]:
@@ -164,8 +167,8 @@ def _streamed(model) -> tuple[object, DataFolder | None]:
 def _collect_computed(graph: gs.Graph, source: DataFolder | None) -> None:
     if source is not None:
         for t in graph.tensors().values():
-            if isinstance(t, gs.Constant) and isinstance(t._values, ComputedValues):
-                source.computed[t.name] = t._values
+            if isinstance(t, gs.Constant) and isinstance(lazy_values(t), ComputedValues):
+                source.computed[t.name] = lazy_values(t)
 
 
 def _param_count(graph: gs.Graph) -> int:
@@ -223,8 +226,8 @@ def fold(
     computed block by block into the output's data file."""
     model, source = _streamed(model)
 
-    def edit(graph: gs.Graph, env: Envelope) -> _Edit:
-        records = _get_records(env)
+    def edit(graph: gs.Graph, env: Envelope) -> Edit:
+        records = get_records(env)
         vals = dict(values or {})
         if adapter is not None:
             vals.update(adapter.values)
@@ -254,10 +257,10 @@ def fold(
             raise _bad(exc) from None
         _collect_computed(graph, source)
         _set_records(env, [])
-        return _Edit(reparam={"folded": folded}, reference=reference)
+        return Edit(reparam={"folded": folded}, reference=reference)
 
-    return transform(model, "fold", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
-                     measure_latency=measure_latency, progress=progress, bisect=bisect)
+    return transform(model, "fold", edit, verify=VerifyOptions(verify, inputs, rtol, atol, measure_latency),
+                     progress=progress, bisect=bisect)
 
 
 def unfold(
@@ -275,18 +278,18 @@ def unfold(
     """Re-insert an adapter's D/V into a folded model to continue training:
     each weight becomes ``W - D (.) V`` plus the inserted D/V."""
 
-    def edit(graph: gs.Graph, env: Envelope) -> _Edit:
-        if _get_records(env):
+    def edit(graph: gs.Graph, env: Envelope) -> Edit:
+        if get_records(env):
             raise InputError("the model already carries D/V (it is inserted, not folded)")
         try:
             records = rp.unfold(graph, adapter.records, adapter.values)
         except rp.ReparamError as exc:
             raise _bad(exc) from None
         _set_records(env, records)
-        return _Edit(reparam={"unfolded": [r.weight for r in records]})
+        return Edit(reparam={"unfolded": [r.weight for r in records]})
 
-    return transform(model, "unfold", edit, verify=verify, inputs=inputs, rtol=rtol, atol=atol,
-                     measure_latency=measure_latency, progress=progress, bisect=bisect)
+    return transform(model, "unfold", edit, verify=VerifyOptions(verify, inputs, rtol, atol, measure_latency),
+                     progress=progress, bisect=bisect)
 
 
 class Adapter:
@@ -298,7 +301,7 @@ class Adapter:
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto, base_dir: str | os.PathLike | None = None) -> "Adapter":
-        records = _get_records(model)
+        records = get_records(model)
         if not records:
             raise InputError("the model has no D/V (it was not made by `beats-compile insert`)")
         names = {n for r in records for n in r.trainable}

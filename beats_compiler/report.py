@@ -8,9 +8,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import onnx
-from onnx import external_data_helper
 
 from passes.convert import proto_subgraphs
+from passes.tensors import tensor_nbytes
+
+from .errors import short_message
 
 
 @dataclass
@@ -30,7 +32,7 @@ class ModelStats:
             nonlocal inits, weight
             for t in g.initializer:
                 inits += 1
-                weight += _tensor_bytes(t)
+                weight += tensor_nbytes(t, external_length=True) or 0
             for n in g.node:
                 hist[n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"] += 1
             for sub in proto_subgraphs(g):
@@ -38,20 +40,6 @@ class ModelStats:
 
         walk(model.graph)
         return cls(sum(hist.values()), inits, weight, dict(sorted(hist.items())))
-
-
-def _tensor_bytes(t: onnx.TensorProto) -> int:
-    if external_data_helper.uses_external_data(t):
-        for e in t.external_data:
-            if e.key == "length":
-                return int(e.value)
-    count = 1
-    for d in t.dims:
-        count *= d
-    try:  # from dims: reading raw_data would copy the whole weight
-        return count * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:
-        return len(t.raw_data) if t.HasField("raw_data") else 0
 
 
 @dataclass
@@ -90,7 +78,7 @@ class CompileReport:
     command: str = "compile"
     reparam: dict | None = None  # insert/fold/unfold: weights, trainable parameter counts
     # gpu/npu: per node, does the target's provider take it, and why not
-    # (beats_compiler.legality.Legality.to_dict()); None for cpu.
+    # (beats_compiler.targets.legality.Legality.to_dict()); None for cpu.
     legality: dict | None = None
     # gpu/npu: what the lowering did (fp32 ops kept, quantization, accuracy, precompile)
     target_details: dict | None = None
@@ -114,10 +102,11 @@ class CompileReport:
             text = "--strict: a node falls back off the target's provider"
         elif bad:
             worst = max(bad, key=lambda o: _num(o.get("max_abs_diff")))
-            name = _short(worst.get("name"))
+            name = short_message(worst.get("name"), 40, cut="hard")
             if worst.get("name", "").startswith("<"):  # <session>, <run>: the result did not run
                 text = ("the result fails on ONNX Runtime" if self.culprit and self.culprit.get("pass")
-                        else _short(worst.get("detail") or "the result does not run on ONNX Runtime", 140))
+                        else short_message(worst.get("detail") or "the result does not run on ONNX Runtime", 140,
+                                           cut="hard"))
             elif npu:
                 cos = 1.0 - _num(worst.get("max_abs_diff"))
                 bar = (self.target_details or {}).get("min_cosine")
@@ -125,7 +114,7 @@ class CompileReport:
             else:
                 text = f"max abs diff {_fmt(worst.get('max_abs_diff'))} on '{name}'"
                 if worst.get("detail"):
-                    text += f" ({_short(worst['detail'], 60)})"
+                    text += f" ({short_message(worst['detail'], 60, cut='hard')})"
         else:
             text = "the result does not match the original"
         c = self.culprit
@@ -137,10 +126,8 @@ class CompileReport:
             else:  # the pass and the node, without the tensor and figures
                 line += f"; first differing pass: {c['pass']}" + (f" (round {c['round']})" if c.get("round") else "")
                 if c.get("node"):
-                    line += f", node '{_short(c['node'], 50)}'" + (f" ({c['op_type']})" if c.get("op_type") else "")
-        if len(line) > ERROR_LINE_LIMIT:
-            line = line[:ERROR_LINE_LIMIT - 4].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
-        return line
+                    line += f", node '{short_message(c['node'], 50, cut='hard')}'" + (f" ({c['op_type']})" if c.get("op_type") else "")
+        return short_message(line, ERROR_LINE_LIMIT, cut="fit")
 
     def pass_totals(self) -> dict[str, dict]:
         """Per pass name: rounds it modified the graph, seconds, summed stats."""
@@ -166,11 +153,6 @@ def _fmt(v) -> str:
 
 
 ERROR_LINE_LIMIT = 185  # characters of a one-line error: with the CLI's "beats-compile: " prefix, 200
-
-
-def _short(text, limit: int = 40) -> str:
-    text = str(text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _jsonable(o):

@@ -28,9 +28,12 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, defs, helper
 
-from .errors import InputError
+from passes.convert import file_kind
+from passes.tensors import ELEMENT_BYTES, PACKED_2BIT, PACKED_4BIT, tensor_nbytes
 
-PROTOBUF_LIMIT = 2**31 - 1  # protobuf cannot parse or write a message over 2 GB
+from .errors import InputError
+from .proto import PROTOBUF_LIMIT, is_repeated, model_shell
+
 PROTOBUF_MAX_DEPTH = 100  # upb's recursion limit: about 31 levels of nested subgraphs
 
 DEFAULT_MAX_NODES = 1_000_000
@@ -63,18 +66,6 @@ MAX_IR_VERSION = onnx.IR_VERSION
 
 # --- reading the file ---------------------------------------------------------
 
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a folder"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device file"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "not a regular file"
-
-
 def read_model_file(path: Path) -> tuple[onnx.ModelProto, int]:
     """Parse ``path`` as an ONNX model; returns the model and the file size."""
     try:
@@ -84,7 +75,7 @@ def read_model_file(path: Path) -> tuple[onnx.ModelProto, int]:
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{path}: not a regular file ({_kind(st.st_mode)})")
+        raise InputError(f"{path}: not a regular file ({file_kind(st.st_mode)})")
     if st.st_size == 0:
         raise InputError(f"{path}: empty file, not an ONNX model")
     if st.st_size > PROTOBUF_LIMIT:
@@ -171,18 +162,6 @@ def _wire_problem(data: bytes) -> str:
 
 # --- structure ------------------------------------------------------------------
 
-_ELEM_SIZE = {
-    TensorProto.FLOAT: 4, TensorProto.UINT8: 1, TensorProto.INT8: 1, TensorProto.UINT16: 2,
-    TensorProto.INT16: 2, TensorProto.INT32: 4, TensorProto.INT64: 8, TensorProto.BOOL: 1,
-    TensorProto.FLOAT16: 2, TensorProto.DOUBLE: 8, TensorProto.UINT32: 4, TensorProto.UINT64: 8,
-    TensorProto.COMPLEX64: 8, TensorProto.COMPLEX128: 16, TensorProto.BFLOAT16: 2,
-}
-for _name, _size in (("FLOAT8E4M3FN", 1), ("FLOAT8E4M3FNUZ", 1), ("FLOAT8E5M2", 1), ("FLOAT8E5M2FNUZ", 1),
-                     ("FLOAT8E8M0", 1)):
-    if hasattr(TensorProto, _name):
-        _ELEM_SIZE[getattr(TensorProto, _name)] = _size
-_PACKED4 = {getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n)}
-_PACKED2 = {getattr(TensorProto, n) for n in ("INT2", "UINT2") if hasattr(TensorProto, n)}
 _KNOWN_TYPES = set(TensorProto.DataType.values())
 
 # Typed repeated fields: which data types may use them, and values per element.
@@ -195,20 +174,9 @@ _FIELDS = {
 }
 _INT32_TYPES = {TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorProto.UINT16, TensorProto.UINT8,
                 TensorProto.BOOL, TensorProto.FLOAT16, TensorProto.BFLOAT16} | {
-    t for t, s in _ELEM_SIZE.items() if s == 1} | _PACKED4 | _PACKED2
+    t for t, s in ELEMENT_BYTES.items() if s == 1} | PACKED_4BIT | PACKED_2BIT
 
 MAX_ELEMENTS = 1 << 62
-
-
-def tensor_nbytes(t: TensorProto) -> int | None:
-    """Bytes of ``t``'s data by its dims and type (None for strings)."""
-    n = math.prod(t.dims) if t.dims else 1
-    if t.data_type in _PACKED4:
-        return (n + 1) // 2
-    if t.data_type in _PACKED2:
-        return (n + 3) // 4
-    size = _ELEM_SIZE.get(t.data_type)
-    return None if size is None else n * size
 
 
 def _tensor_problem(t: TensorProto) -> str | None:
@@ -242,7 +210,8 @@ def _tensor_problem(t: TensorProto) -> str | None:
     if field == "int32_data":
         if t.data_type not in _INT32_TYPES:
             return f"int32_data cannot hold type {TensorProto.DataType.Name(t.data_type)}"
-        want = (n + 1) // 2 if t.data_type in _PACKED4 else (n + 3) // 4 if t.data_type in _PACKED2 else n
+        # sub-byte types: their packed bytes, one to an int32
+        want = tensor_nbytes(t) if t.data_type in PACKED_4BIT | PACKED_2BIT else n
     else:
         per = _FIELDS[field].get(t.data_type)
         if per is None:
@@ -343,14 +312,8 @@ def _string_and_message_fields(desc) -> tuple[tuple[str, bool, bool], ...]:
     fields, in field-number order (ListFields' order).  Reading only these
     never copies a tensor's raw_data, as ListFields does."""
     fields = sorted(desc.fields, key=lambda fd: fd.number)
-    return tuple((fd.name, fd.type == _STRING, _is_repeated(fd)) for fd in fields
+    return tuple((fd.name, fd.type == _STRING, is_repeated(fd)) for fd in fields
                  if fd.type == _STRING or fd.message_type is not None)
-
-
-def _is_repeated(fd) -> bool:
-    from .io import _repeated
-
-    return _repeated(fd)
 
 
 def _check_versions(model: onnx.ModelProto, where: str) -> None:
@@ -578,10 +541,7 @@ def check_declared_types(model: onnx.ModelProto, where: str = "model") -> None:
     left to the passes, which record them."""
     from onnx.external_data_helper import uses_external_data
 
-    from .io import _copy_except
-
-    shell = _copy_except(model, "graph")
-    shell.graph.CopyFrom(_copy_except(model.graph, "initializer"))
+    shell = model_shell(model)
     g = shell.graph
     listed = {i.name for i in g.input}
     for t in model.graph.initializer:
@@ -616,12 +576,9 @@ def check_verify_inputs(model: onnx.ModelProto, where: str = "model", limit: int
         n = 1
         for d in tt.shape.dim:
             n *= d.dim_value if d.HasField("dim_value") else 8
-        size = _ELEM_SIZE.get(tt.elem_type, 8)
+        size = ELEMENT_BYTES.get(tt.elem_type, 8)
         total += n * size
         if total > limit:
             raise InputError(f"{where}: verifying needs more than {limit} bytes of generated inputs "
                              f"(input {vi.name!r} has static dims); pass --inputs or --no-verify")
 
-
-def external_nbytes(t: TensorProto) -> int | None:
-    return tensor_nbytes(t)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import statistics
 import tempfile
@@ -15,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import onnx
 
-from .errors import InputError
+from .errors import InputError, short_message
 from passes.convert import uses_external_refs
 
 from .inputs import InputGenerator
@@ -58,9 +57,6 @@ class Verification:
     # how each generated input was made (``inputs.InputGenerator.describe``); empty for the user's
     generated: dict[str, str] = field(default_factory=dict)
 
-    def failed_outputs(self) -> list[OutputDiff]:
-        return [o for o in self.outputs if not o.ok]
-
 
 def quiet_session_options():
     """ONNX Runtime session options that log only fatal errors: its own log lines on
@@ -72,7 +68,7 @@ def quiet_session_options():
     return so
 
 
-class _Session:
+class Session:
     """An ORT CPU session on a model given as a path or in memory.  An
     in-memory model over 2 GB is written to the system temp folder, which is
     removed on close."""
@@ -103,17 +99,17 @@ class _Session:
             self._tmp = None
 
 
-def _compare(name: str, a: Any, b: Any, rtol: float, atol: float) -> OutputDiff:
+def compare(name: str, a: Any, b: Any, rtol: float, atol: float) -> OutputDiff:
     """``a`` from the original, ``b`` from the result."""
     if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
         if not isinstance(a, (list, tuple)) or not isinstance(b, (list, tuple)) or len(a) != len(b):
             return OutputDiff(name, False, float("inf"), float("inf"), "sequence length differs")
-        parts = [_compare(name, x, y, rtol, atol) for x, y in zip(a, b)]
+        parts = [compare(name, x, y, rtol, atol) for x, y in zip(a, b)]
         return _merge(name, parts)
     if isinstance(a, dict) or isinstance(b, dict):
         if not isinstance(a, dict) or not isinstance(b, dict) or set(a) != set(b):
             return OutputDiff(name, False, float("inf"), float("inf"), "map keys differ")
-        return _merge(name, [_compare(name, a[k], b[k], rtol, atol) for k in a])
+        return _merge(name, [compare(name, a[k], b[k], rtol, atol) for k in a])
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
         return OutputDiff(name, False, float("inf"), float("inf"), f"shape {a.shape} became {b.shape}")
@@ -192,11 +188,11 @@ def verify(
     (nothing can then be proved) or when user inputs do not fit the model.
     """
     try:
-        s_orig = _Session(original, original_path, base_dir=base_dir, optimize=optimize)
+        s_orig = Session(original, original_path, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
         raise InputError(f"cannot verify: ONNX Runtime cannot load the original model ({short_message(exc)}); use --no-verify to skip") from None
     try:
-        s_new = _Session(result, None, base_dir=base_dir, optimize=optimize)
+        s_new = Session(result, None, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
         s_orig.close()
         return Verification(False, float("inf"), float("inf"), rtol, atol,
@@ -212,23 +208,6 @@ def verify(
     finally:
         s_orig.close()
         s_new.close()
-
-
-_ORT_PREFIX = re.compile(r"\[ONNXRuntimeError\] : \d+ : \w+ : |Load model from \S+ failed: ?(?:Fatal error: )?")
-# "/onnxruntime_src/.../reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper(const ..., bool) "
-_SOURCE_LOCATION = re.compile(r"(?:/[\w.+-]+)+\.(?:h|hpp|cc|cpp|cu|cuh):\d+ (?:[\w:~<>]+\([^()]*\)(?: const)? )?")
-SHORT_LIMIT = 160
-
-
-def short_message(exc: BaseException, limit: int = SHORT_LIMIT) -> str:
-    """An exception's message for a one-line error: whitespace collapsed, ONNX Runtime's
-    status prefix and C++ source locations dropped, cut at a word boundary."""
-    text = " ".join(str(exc).split())
-    text = _SOURCE_LOCATION.sub("", _ORT_PREFIX.sub("", text)).strip()
-    if len(text) > limit:
-        cut = text[:limit].rsplit(" ", 1)[0].rstrip(",;:")
-        text = cut + " ..."
-    return text or type(exc).__name__
 
 
 _ANALYSIS_FILE_LIMIT = 64 << 20  # re-read an original given by path for analysis up to this size
@@ -338,13 +317,13 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
         diff = OutputDiff("<run>", False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: {short_message(exc)}")
         return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None, shapes, input_source,
                             described)
-    diffs = [_compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, expected, got)]
+    diffs = [compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, expected, got)]
     if extra_run is not None:
         zero, zero_expected = extra_run
         label = ", ".join(zero.zero) + " = 0"
         try:
             zero_got = sn.run(out_names, zero.feeds)
-            more = [_compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, zero_expected, zero_got)]
+            more = [compare(n, a, b, rtol, atol) for n, a, b in zip(out_names, zero_expected, zero_got)]
         except Exception as exc:
             more = [OutputDiff(n, False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: "
                                                                        f"{short_message(exc)}") for n in out_names]

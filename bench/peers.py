@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from passes.tensors import tensor_nbytes
 from peer_corpus import BUILDERS, Case, SkipBuilder, mlp_big
 from peer_tools import TOOLS
 
@@ -66,34 +67,20 @@ def _graphs(g):
                 yield from _graphs(sg)
 
 
-def _tensor_bytes(t) -> int:
-    for e in t.external_data:
-        if e.key == "length":
-            return int(e.value)
-    if t.raw_data:
-        return len(t.raw_data)
-    n = int(np.prod(t.dims)) if t.dims else 1
-    try:
-        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:  # noqa: BLE001 - strings etc.
-        size = 1
-    return n * size
-
-
 def facts(path: Path) -> dict:
     m = onnx.load(str(path), load_external_data=False)
     nodes = weights = 0
     nonstd = set()
     for g in _graphs(m.graph):
         nodes += len(g.node)
-        weights += sum(_tensor_bytes(t) for t in g.initializer)
+        weights += sum(tensor_nbytes(t, external_length=True) or 0 for t in g.initializer)
         for n in g.node:
             if n.domain not in STANDARD:
                 nonstd.add(n.domain)
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
                 for a in n.attribute:
                     if a.type == onnx.AttributeProto.TENSOR:
-                        weights += _tensor_bytes(a.t)
+                        weights += tensor_nbytes(a.t, external_length=True) or 0
     return {"nodes": nodes, "weights": weights, "nonstd": sorted(nonstd), "ir": m.ir_version}
 
 

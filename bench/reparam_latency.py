@@ -39,7 +39,7 @@ def default_models() -> list[tuple[str, onnx.ModelProto, dict[str, np.ndarray]]]
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from tests.models_real import export_minilm, export_torchscript_cnn
+    from fixtures.real_models import export_minilm, export_torchscript_cnn
 
     minilm, extra = export_minilm()
     rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def trained(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
-    for r in reparam._get_records(out):
+    for r in reparam.get_records(out):
         scale = float(np.std(numpy_helper.to_array(inits[r.weight]).astype(np.float64))) or 1.0
         for name, v in ((r.D, None), (r.V, 0.05 * scale), (r.A, 1.0), (r.B, 0.05 * scale)):
             if not name:
@@ -108,7 +108,7 @@ def bench(name: str, model: onnx.ModelProto, feeds, args) -> dict:
     for _ in range(max(args.runs // 4, 5)):  # the unfolded model, for reference only
         times["unfolded"].append(timed(sessions["unfolded"], feeds))
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": name, "weights": len(reparam._get_records(inserted)), "original": med["original"],
+    return {"model": name, "weights": len(reparam.get_records(inserted)), "original": med["original"],
             "folded": med["folded"], "ratio": med["folded"] / med["original"], "unfolded": med["unfolded"],
             "diff": diff}
 

@@ -20,7 +20,6 @@ is listed as skipped.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import subprocess
@@ -28,7 +27,6 @@ import sys
 import tempfile
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,11 @@ from onnx import helper, numpy_helper
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fixtures.exporters import dynamo_model, torchscript_model  # noqa: E402
+from fixtures.real_models import hf_output, randomize_batchnorm  # noqa: E402
+
 CLI = [sys.executable, "-c", "from beats_compiler.cli import main; raise SystemExit(main())"]
 BACKEND = ROOT / ".cache" / "onnx-backend-data" / "1.17.0"
 
@@ -60,13 +63,12 @@ def opset_conversions():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 10),
-                        nn.Softmax(-1)).eval()
-    with torch.no_grad():
-        net[1].running_mean.uniform_(-0.5, 0.5)
-        net[1].running_var.uniform_(0.5, 2)
+                        nn.Softmax(-1))
+    randomize_batchnorm(net, weight=None, bias=None)
+
     def export(v):
-        return _ts_export(net, (torch.randn(2, 3, 16, 16),), ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}},
-                          opset=v, do_constant_folding=False)
+        return torchscript_model(net, (torch.randn(2, 3, 16, 16),), ["x"], ["y"],
+                                 {"x": {0: "batch"}, "y": {0: "batch"}}, opset=v, do_constant_folding=False)
 
     out = []
     for v in (7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21):
@@ -90,51 +92,6 @@ def pytorch_converted_ir3():
     return out
 
 
-def _ts_export(model, args, names_in, names_out, dyn, opset=17, **kw):
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, args, buf, dynamo=False, input_names=names_in, output_names=names_out,
-                          dynamic_axes=dyn, opset_version=opset, **kw)
-    return onnx.load_from_string(buf.getvalue())
-
-
-def _dynamo_export(model, args, names_in, names_out, dynamic_shapes=None, opset=18):
-    import contextlib
-    import logging
-
-    import torch
-
-    logging.disable(logging.WARNING)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            prog = torch.onnx.export(model, args, dynamo=True, input_names=names_in, output_names=names_out,
-                                     dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False)
-    finally:
-        logging.disable(logging.NOTSET)
-    return prog.model_proto
-
-
-class _Logits:
-    """(input_ids, attention_mask) -> first output tensor of a HF model."""
-
-    def __new__(cls, hf, key):
-        from torch import nn
-
-        class W(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = hf
-
-            def forward(self, input_ids, attention_mask):
-                return getattr(self.m(input_ids=input_ids, attention_mask=attention_mask), key)
-
-        return W().eval()
-
-
 def transformers_models():
     import torch
     import transformers as tf
@@ -149,28 +106,28 @@ def transformers_models():
 
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                             use_cache=False)).eval()
-    out.append(("gpt2_ts", _ts_export(_Logits(gpt2, "logits"), (ids, mask), ["input_ids", "attention_mask"],
-                                      ["out"], dyn)))
+    out.append(("gpt2_ts", torchscript_model(hf_output(gpt2, "logits"), (ids, mask),
+                                             ["input_ids", "attention_mask"], ["out"], dyn)))
     distil = tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
         vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)).eval()
-    out.append(("distilbert_ts", _ts_export(_Logits(distil, "logits"), (ids, mask),
-                                            ["input_ids", "attention_mask"], ["out"], dyn_b)))
+    out.append(("distilbert_ts", torchscript_model(hf_output(distil, "logits"), (ids, mask),
+                                                   ["input_ids", "attention_mask"], ["out"], dyn_b)))
     roberta = tf.RobertaModel(tf.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                                num_attention_heads=4, intermediate_size=64,
                                                max_position_embeddings=64)).eval()
     rid = ids % 97 + 2  # roberta positions start after the padding index
-    out.append(("roberta_ts", _ts_export(_Logits(roberta, "last_hidden_state"), (rid, mask),
-                                         ["input_ids", "attention_mask"], ["out"], dyn)))
+    out.append(("roberta_ts", torchscript_model(hf_output(roberta, "last_hidden_state"), (rid, mask),
+                                                ["input_ids", "attention_mask"], ["out"], dyn)))
     t5 = tf.T5EncoderModel(tf.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                        num_heads=4)).eval()
-    out.append(("t5enc_ts", _ts_export(_Logits(t5, "last_hidden_state"), (ids, mask),
-                                       ["input_ids", "attention_mask"], ["out"], dyn)))
+    out.append(("t5enc_ts", torchscript_model(hf_output(t5, "last_hidden_state"), (ids, mask),
+                                              ["input_ids", "attention_mask"], ["out"], dyn)))
     bart = tf.BartModel(tf.BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=1,
                                       encoder_attention_heads=4, decoder_attention_heads=4,
                                       encoder_ffn_dim=64, decoder_ffn_dim=64,
                                       max_position_embeddings=64)).eval().get_encoder()
-    out.append(("bartenc_ts", _ts_export(_Logits(bart, "last_hidden_state"), (ids, mask),
-                                         ["input_ids", "attention_mask"], ["out"], dyn)))
+    out.append(("bartenc_ts", torchscript_model(hf_output(bart, "last_hidden_state"), (ids, mask),
+                                                ["input_ids", "attention_mask"], ["out"], dyn)))
     vit = tf.ViTForImageClassification(tf.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
                                                     num_hidden_layers=2, num_attention_heads=4,
                                                     intermediate_size=64, num_labels=5)).eval()
@@ -184,29 +141,29 @@ def transformers_models():
             return self.m(pixel_values=pixel_values).logits
 
     px = torch.randn(2, 3, 16, 16)
-    out.append(("vit_ts", _ts_export(V().eval(), (px,), ["pixel_values"], ["out"],
-                                     {"pixel_values": {0: "batch"}, "out": {0: "batch"}})))
+    out.append(("vit_ts", torchscript_model(V().eval(), (px,), ["pixel_values"], ["out"],
+                                            {"pixel_values": {0: "batch"}, "out": {0: "batch"}})))
 
     # dynamo exporter
     batch = torch.export.Dim("batch", min=1, max=64)
     seq = torch.export.Dim("seq", min=2, max=30)
     try:
-        out.append(("gpt2_dynamo", _dynamo_export(_Logits(gpt2, "logits"), (ids, mask),
-                                                  ["input_ids", "attention_mask"], ["out"],
-                                                  {"input_ids": {0: batch, 1: seq},
-                                                   "attention_mask": {0: batch, 1: seq}})))
+        out.append(("gpt2_dynamo", dynamo_model(hf_output(gpt2, "logits"), (ids, mask),
+                                                ["input_ids", "attention_mask"], ["out"],
+                                                {"input_ids": {0: batch, 1: seq},
+                                                 "attention_mask": {0: batch, 1: seq}})))
     except Exception as e:  # noqa: BLE001 - exporter limits are not ours
         print(f"  (gpt2_dynamo export failed: {type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     try:
-        out.append(("distilbert_dynamo", _dynamo_export(_Logits(distil, "logits"), (ids, mask),
-                                                        ["input_ids", "attention_mask"], ["out"],
-                                                        {"input_ids": {0: batch, 1: seq},
-                                                         "attention_mask": {0: batch, 1: seq}})))
+        out.append(("distilbert_dynamo", dynamo_model(hf_output(distil, "logits"), (ids, mask),
+                                                      ["input_ids", "attention_mask"], ["out"],
+                                                      {"input_ids": {0: batch, 1: seq},
+                                                       "attention_mask": {0: batch, 1: seq}})))
     except Exception as e:  # noqa: BLE001
         print(f"  (distilbert_dynamo export failed: {type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     try:
-        out.append(("vit_dynamo", _dynamo_export(V().eval(), (px,), ["pixel_values"], ["out"],
-                                                 {"pixel_values": {0: batch}})))
+        out.append(("vit_dynamo", dynamo_model(V().eval(), (px,), ["pixel_values"], ["out"],
+                                               {"pixel_values": {0: batch}})))
     except Exception as e:  # noqa: BLE001
         print(f"  (vit_dynamo export failed: {type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
     return out
@@ -233,11 +190,11 @@ def torch_misc():
     x = torch.randn(2, 5, 6)
     for cell in (nn.LSTM, nn.GRU):
         m = RNN(cell).eval()
-        out.append((f"{cell.__name__.lower()}_ts", _ts_export(
+        out.append((f"{cell.__name__.lower()}_ts", torchscript_model(
             m, (x,), ["x"], ["y"], {"x": {0: "batch", 1: "time"}, "y": {0: "batch"}})))
     try:
-        out.append(("lstm_dynamo", _dynamo_export(RNN(nn.LSTM).eval(), (x,), ["x"], ["y"],
-                                                  {"x": {0: torch.export.Dim("batch", min=1, max=64)}})))
+        out.append(("lstm_dynamo", dynamo_model(RNN(nn.LSTM).eval(), (x,), ["x"], ["y"],
+                                                {"x": {0: torch.export.Dim("batch", min=1, max=64)}})))
     except Exception as e:  # noqa: BLE001
         print(f"  (lstm_dynamo export failed: {type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
@@ -256,8 +213,8 @@ def torch_misc():
             return x
 
     scripted = torch.jit.script(Loop().eval())
-    out.append(("scripted_loop_ts", _ts_export(scripted, (torch.randn(3, 32), 3), ["x", "n"], ["y"],
-                                               {"x": {0: "batch"}, "y": {0: "batch"}})))
+    out.append(("scripted_loop_ts", torchscript_model(scripted, (torch.randn(3, 32), 3), ["x", "n"], ["y"],
+                                                      {"x": {0: "batch"}, "y": {0: "batch"}})))
 
     class Mixed(nn.Module):
         """Depthwise/grouped/transposed convs, norms, pooling, upsampling."""
@@ -283,29 +240,21 @@ def torch_misc():
             x = x.mean((2, 3))
             return self.fc(self.ln(x))
 
-    mixed = Mixed().eval()
-    with torch.no_grad():
-        for mod in mixed.modules():
-            if isinstance(mod, nn.BatchNorm2d):
-                mod.running_mean.uniform_(-0.5, 0.5)
-                mod.running_var.uniform_(0.5, 2)
+    mixed = randomize_batchnorm(Mixed(), weight=None, bias=None)
     xi = torch.randn(2, 3, 16, 16)
-    out.append(("mixed_cnn_ts", _ts_export(mixed, (xi,), ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}},
-                                           do_constant_folding=False)))
-    out.append(("mixed_cnn_ts_opset11", _ts_export(mixed, (xi,), ["x"], ["y"],
-                                                   {"x": {0: "batch"}, "y": {0: "batch"}}, opset=11)))
-    out.append(("mixed_cnn_ts_opset9", _ts_export(mixed, (xi,), ["x"], ["y"],
-                                                  {"x": {0: "batch"}, "y": {0: "batch"}}, opset=9)))
+    batch = {"x": {0: "batch"}, "y": {0: "batch"}}
+    out.append(("mixed_cnn_ts", torchscript_model(mixed, (xi,), ["x"], ["y"], batch, do_constant_folding=False)))
+    out.append(("mixed_cnn_ts_opset11", torchscript_model(mixed, (xi,), ["x"], ["y"], batch, opset=11)))
+    out.append(("mixed_cnn_ts_opset9", torchscript_model(mixed, (xi,), ["x"], ["y"], batch, opset=9)))
     try:
-        out.append(("mixed_cnn_dynamo", _dynamo_export(mixed, (xi,), ["x"], ["y"],
-                                                       {"x": {0: torch.export.Dim("batch", min=1, max=64)}})))
+        out.append(("mixed_cnn_dynamo", dynamo_model(mixed, (xi,), ["x"], ["y"],
+                                                     {"x": {0: torch.export.Dim("batch", min=1, max=64)}})))
     except Exception as e:  # noqa: BLE001
         print(f"  (mixed_cnn_dynamo export failed: {type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
     # fp16: a half-precision MLP through TorchScript
     mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 16)).eval().half()
-    out.append(("mlp_fp16_ts", _ts_export(mlp, (torch.randn(2, 32).half(),), ["x"], ["y"],
-                                          {"x": {0: "batch"}, "y": {0: "batch"}})))
+    out.append(("mlp_fp16_ts", torchscript_model(mlp, (torch.randn(2, 32).half(),), ["x"], ["y"], batch)))
     return out
 
 
@@ -380,7 +329,7 @@ def ort_tools():
     tmp = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10)).eval()
-    base = _ts_export(mlp, (torch.randn(2, 64),), ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}}, opset=17)
+    base = torchscript_model(mlp, (torch.randn(2, 64),), ["x"], ["y"], {"x": {0: "batch"}, "y": {0: "batch"}})
     onnx.save(base, tmp / "mlp.onnx")
     quantize_dynamic(tmp / "mlp.onnx", tmp / "mlp_dyn.onnx", weight_type=QuantType.QInt8)
     out.append(("mlp_quant_dynamic", onnx.load(tmp / "mlp_dyn.onnx")))
@@ -404,10 +353,10 @@ def ort_tools():
     bert = tf.BertModel(tf.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       intermediate_size=64, max_position_embeddings=64)).eval()
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    m = _ts_export(_Logits(bert, "last_hidden_state"), (ids, torch.ones(2, 8, dtype=torch.int64)),
-                   ["input_ids", "attention_mask"], ["out"],
-                   {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-                    "out": {0: "batch", 1: "seq"}})
+    m = torchscript_model(hf_output(bert, "last_hidden_state"), (ids, torch.ones(2, 8, dtype=torch.int64)),
+                          ["input_ids", "attention_mask"], ["out"],
+                          {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
+                           "out": {0: "batch", 1: "seq"}})
     opt = optimizer.optimize_model(m, model_type="bert", num_heads=4, hidden_size=32, opt_level=1)
     out.append(("bert_ort_fused", opt.model))
     return out

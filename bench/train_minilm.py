@@ -504,9 +504,9 @@ def fold_and_score(inserted: Path, trained: Path, out_dir: Path, evalset: dict, 
     scored on the held-out set by ORT inference."""
     import onnx
 
-    from beats_compiler.reparam import Adapter, _get_records, fold
+    from beats_compiler.reparam import Adapter, get_records, fold
 
-    records = _get_records(onnx.load(str(inserted), load_external_data=False))
+    records = get_records(onnx.load(str(inserted), load_external_data=False))
     with np.load(trained) as z:
         adapter = Adapter(records, {k: z[k] for k in z.files})
     apath = out_dir / "adapter.npz"

@@ -16,6 +16,10 @@ from typing import Any, Callable, ClassVar, Hashable, Iterable, Sequence
 
 import onnx_graphsurgeon as gs
 
+from .registry import register
+
+__all__ = ["ManagerReport", "Pass", "PassError", "PassManager", "PassRecord", "PassResult", "cached_analysis"]
+
 
 @dataclass
 class PassResult:
@@ -62,10 +66,17 @@ class Pass:
     Subclasses set ``name`` (a snake_case verb_object), ``idempotent`` and
     implement ``call``.  Options go in the constructor; per-run state must be
     created inside ``call`` so that one instance can run on many graphs.
+    ``idempotent``: a second run right after a run that modified the graph
+    modifies nothing (``PassManager(check_idempotent=True)`` checks it).  A
+    named subclass in this package is registered by its name (``registry``).
     """
 
     name: ClassVar[str] = ""
     idempotent: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register(cls)
 
     def call(self, graph: gs.Graph) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -137,6 +148,9 @@ class PassManager:
     ``check`` is called after every pass that modified the graph (for example
     the ONNX checker on the exported model); an exception from it, or from a
     pass, is raised as ``PassError`` naming the pass and those run before it.
+    With ``check_idempotent``, a pass declared ``idempotent`` that modified
+    the graph is run once more at once, and a second modification is a
+    ``PassError``.
     Shape inference (``shapes.infer_types``) is computed once and reused by
     later passes while none of them reports a modification.
     """
@@ -149,6 +163,7 @@ class PassManager:
         disabled: Iterable[str] = (),
         check: Callable[[gs.Graph], None] | None = None,
         on_pass: Callable[[PassRecord], None] | None = None,
+        check_idempotent: bool = False,
     ):
         self.disabled = set(disabled)
         all_passes = list(passes)
@@ -164,6 +179,7 @@ class PassManager:
         self.max_rounds = max_rounds
         self.check = check
         self.on_pass = on_pass
+        self.check_idempotent = check_idempotent
 
     def run(self, graph: gs.Graph) -> ManagerReport:
         records: list[PassRecord] = []
@@ -194,6 +210,8 @@ class PassManager:
                 cache.end_pass(result.modified)
                 if result.modified and self.check is not None:
                     self.check(graph)
+                if result.modified and self.check_idempotent and p.idempotent:
+                    self._run_again(p, graph, cache)
             except Exception as exc:  # re-raised with the pass history
                 raise PassError(p.name, ran, exc) from exc
             rec = PassRecord(p.name, rnd, result.modified, time.perf_counter() - t0, dict(result.stats))
@@ -203,3 +221,11 @@ class PassManager:
                 self.on_pass(rec)
             round_modified |= result.modified
         return round_modified
+
+    @staticmethod
+    def _run_again(p: Pass, graph: gs.Graph, cache: _AnalysisCache) -> None:
+        again = p(graph)
+        cache.end_pass(again.modified)
+        if again.modified:
+            raise RuntimeError(f"{p.name} is declared idempotent but modified the graph again "
+                               f"(second run: {dict(again.stats)})")

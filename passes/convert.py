@@ -17,8 +17,31 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import external_data_helper
-from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from onnx_graphsurgeon.logger import G_LOGGER
+
+from .gs_adapter import LazyValues, SparseValues, export_node, lazy_values, set_lazy_values
+from .tensors import PACKED_4BIT, const_nbytes, tensor_nbytes
+
+__all__ = [
+    "Envelope",
+    "ExternalDataError",
+    "ExternalRef",
+    "ExternalValues",
+    "check_external",
+    "export",
+    "export_skeleton",
+    "external_nbytes",
+    "external_ref",
+    "file_kind",
+    "open_external",
+    "proto_subgraphs",
+    "quiet",
+    "read_external",
+    "resolve_external",
+    "to_graph",
+    "to_model",
+    "uses_external_refs",
+]
 
 
 @contextlib.contextmanager
@@ -123,34 +146,39 @@ def resolve_external(base_dir: str | os.PathLike, location: str) -> str:
     return target
 
 
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular one is, for a message ("a folder", ...)."""
+    import stat as _stat
+
+    if _stat.S_ISDIR(mode):
+        return "a folder"
+    if _stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if _stat.S_ISCHR(mode) or _stat.S_ISBLK(mode):
+        return "a device file"
+    if _stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
 def _check_regular(st: os.stat_result, location: str) -> None:
     import stat as _stat
 
-    mode = st.st_mode
-    if not _stat.S_ISREG(mode):
-        kind = ("a folder" if _stat.S_ISDIR(mode) else "a FIFO" if _stat.S_ISFIFO(mode)
-                else "a device file" if _stat.S_ISCHR(mode) or _stat.S_ISBLK(mode) else "not a regular file")
-        raise ExternalDataError(f"external data file {location[:200]!r} is {kind}")
+    if not _stat.S_ISREG(st.st_mode):
+        raise ExternalDataError(f"external data file {location[:200]!r} is {file_kind(st.st_mode)}")
     if st.st_nlink > 1:
         raise ExternalDataError(f"external data file {location[:200]!r} has {st.st_nlink} hard links "
                                 "(it may also live outside the model's folder; copy it to use it)")
 
 
 def external_nbytes(tensor: onnx.TensorProto) -> int:
-    """Bytes the tensor's dims and data type call for."""
-    n = int(np.prod([int(d) for d in tensor.dims], dtype=np.int64)) if tensor.dims else 1
-    if tensor.data_type in _PACKED_4BIT:
-        return (n + 1) // 2
-    try:
-        size = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:
-        raise ExternalDataError(f"data type {tensor.data_type} cannot be stored externally") from None
+    """Bytes the tensor's dims and data type call for in an external data file."""
     if tensor.data_type == onnx.TensorProto.STRING:
         raise ExternalDataError("string data cannot be stored externally")
-    return n * size
-
-
-_PACKED_4BIT = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+    n = tensor_nbytes(tensor)
+    if n is None:
+        raise ExternalDataError(f"data type {tensor.data_type} cannot be stored externally")
+    return n
 
 
 def check_external(tensor: onnx.TensorProto, base_dir: str | os.PathLike) -> tuple[str, int, int]:
@@ -215,7 +243,7 @@ class ExternalValues(LazyValues):
             data = np.fromfile(f, dtype=np.uint8, count=length)
         if data.size != length:
             raise ExternalDataError(f"external data of {self.tensor.name!r} ends early")
-        if self.tensor.data_type in _PACKED_4BIT:  # stored two to a byte, as onnx's loader reads them
+        if self.tensor.data_type in PACKED_4BIT:  # stored two to a byte, as onnx's loader reads them
             t = onnx.TensorProto()
             t.CopyFrom(self.tensor)
             del t.external_data[:]
@@ -228,11 +256,11 @@ class ExternalValues(LazyValues):
 def _attach_external(graph: gs.Graph, base_dir: str | None) -> None:
     for g in [graph, *graph.subgraphs(recursive=True)]:
         for t in g.tensors().values():
-            v = getattr(t, "_values", None)
+            v = lazy_values(t)
             if isinstance(v, LazyValues) and external_data_helper.uses_external_data(v.tensor):
                 if base_dir is None:
                     raise ValueError(f"tensor {t.name!r} uses external data, but no folder to read it from was given")
-                t._values = ExternalValues(v.tensor, base_dir)
+                set_lazy_values(t, ExternalValues(v.tensor, base_dir))
 
 
 def uses_external_refs(model: onnx.ModelProto) -> bool:
@@ -350,9 +378,9 @@ def export(graph: gs.Graph, **make_model_kwargs) -> onnx.ModelProto:
     # gs exports an imported tensor by writing the Constant's name into the
     # *source* TensorProto; an attribute's unnamed tensor would get `name: ""`
     # in the caller's model.  Those protos get their missing name back after.
-    unnamed = [a._values.tensor for g in [graph, *graph.subgraphs(recursive=True)] for n in g.nodes
-               for a in n.attrs.values() if isinstance(a, gs.Constant) and isinstance(a._values, LazyValues)
-               and not a._values.tensor.HasField("name")]
+    unnamed = [lazy_values(a).tensor for g in [graph, *graph.subgraphs(recursive=True)] for n in g.nodes
+               for a in n.attrs.values() if isinstance(a, gs.Constant) and isinstance(lazy_values(a), LazyValues)
+               and not lazy_values(a).tensor.HasField("name")]
     try:
         with quiet():
             model = gs.export_onnx(graph, do_type_check=False, **make_model_kwargs)
@@ -388,7 +416,7 @@ def export_skeleton(graph: gs.Graph, const_limit: int) -> onnx.ModelProto:
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     with quiet():
-        nodes = [OnnxExporter.export_node(n) for n in graph.nodes]
+        nodes = [export_node(n) for n in graph.nodes]
         inputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs]
         outputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs]
         io_names = {t.name for t in [*graph.inputs, *graph.outputs]}
@@ -476,19 +504,19 @@ def _export_light(graph: gs.Graph, consume: bool = False, **kw) -> onnx.ModelPro
     is copied (the graph is not used again), so only one copy exists."""
     big = {}
     for t in graph.tensors().values():
-        if isinstance(t, gs.Constant) and not isinstance(t._values, SparseValues) and _nbytes(t) > _BIG:
+        if isinstance(t, gs.Constant) and not isinstance(lazy_values(t), SparseValues) and const_nbytes(t) > _BIG:
             big[t.name] = t
-    saved = {name: t._values for name, t in big.items()}
+    saved = {name: lazy_values(t) for name, t in big.items()}
     try:
         for name, t in big.items():
             stand_in = onnx.TensorProto(name=name, data_type=onnx.TensorProto.FLOAT)
             stand_in.dims.append(0)
-            t._values = LazyValues(stand_in)
+            set_lazy_values(t, LazyValues(stand_in))
         model = export(graph, **kw)
     finally:
         if not consume:
             for name, t in big.items():
-                t._values = saved[name]
+                set_lazy_values(t, saved[name])
     for init in model.graph.initializer:
         v = saved.pop(init.name, None) if consume else saved.get(init.name)
         if v is None:
@@ -500,11 +528,6 @@ def _export_light(graph: gs.Graph, consume: bool = False, **kw) -> onnx.ModelPro
         else:
             init.CopyFrom(onnx.numpy_helper.from_array(np.asarray(v), init.name))
     return model
-
-
-def _nbytes(t: gs.Constant) -> int:
-    v = t._values
-    return int(v.nbytes) if hasattr(v, "nbytes") else 0
 
 
 def to_model(graph: gs.Graph, env: Envelope, *, consume: bool = False) -> onnx.ModelProto:

@@ -6,14 +6,48 @@ comparison, so ``node in list`` is both slow and wrong for our purposes.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .convert import _PACKED_4BIT, ExternalDataError, ExternalValues, open_external, quiet
+from .convert import ExternalDataError, ExternalValues, open_external, quiet
+from .gs_adapter import LazyValues, lazy_values
+from .tensors import PACKED_4BIT
+
+__all__ = [
+    "COMPUTED_LOCATION",
+    "ComputedValues",
+    "ExternalRows",
+    "NONDETERMINISTIC_OPS",
+    "NameScope",
+    "NodeIndex",
+    "STANDARD_DOMAINS",
+    "attr_key",
+    "bypass",
+    "const_dtype",
+    "const_ints",
+    "const_shape",
+    "const_value",
+    "count_nodes",
+    "external_rows",
+    "has_subgraphs",
+    "index_of",
+    "io_ids",
+    "is_computed_ref",
+    "is_const",
+    "is_sorted",
+    "is_standard",
+    "iter_graphs",
+    "onnx_dtype",
+    "producer",
+    "remove_nodes",
+    "replace_uses",
+    "std_producer",
+    "walk_nodes",
+]
 
 # Ops whose result is not a function of their inputs: never folded or merged.
 NONDETERMINISTIC_OPS = frozenset(
@@ -34,6 +68,52 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
             yield from iter_graphs(sub)
 
 
+def walk_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
+    """(g, node) for every node of ``graph`` and of its subgraphs (``iter_graphs``
+    order).  Each graph's node list is snapshotted before its first node is
+    yielded, so the caller may remove or insert nodes of ``g``; subgraphs are
+    found after the caller is done with the graph holding them."""
+    for g in iter_graphs(graph):
+        for node in list(g.nodes):
+            yield g, node
+
+
+class NodeIndex:
+    """The nodes of one graph, for an O(1) ``node in index`` instead of a scan
+    of ``graph.nodes`` (``node in list`` would use gs's field-wise ``__eq__``).
+    Kept in step with the removals made through ``remove`` and ``bypass``; a
+    node the caller adds to the graph is ``add``-ed.  Holds the nodes, so an
+    ``id`` is never that of a node since collected."""
+
+    def __init__(self, graph: gs.Graph):
+        self.graph = graph
+        self._nodes = {id(n): n for n in graph.nodes}
+
+    def __contains__(self, node: gs.Node | None) -> bool:
+        return node is not None and self._nodes.get(id(node)) is node
+
+    def add(self, node: gs.Node) -> None:
+        self._nodes[id(node)] = node
+
+    def remove(self, dead: list[gs.Node]) -> None:
+        """``remove_nodes`` on the indexed graph."""
+        remove_nodes(self.graph, dead)
+        for n in dead:
+            self._nodes.pop(id(n), None)
+
+    def bypass(self, node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> bool:
+        """``bypass`` on the indexed graph."""
+        if not bypass(self.graph, node, src, dst):
+            return False
+        self._nodes.pop(id(node), None)
+        return True
+
+
+def index_of(graph: gs.Graph, node: gs.Node) -> int:
+    """Position of ``node`` in ``graph.nodes`` (by identity)."""
+    return next(i for i, n in enumerate(graph.nodes) if n is node)
+
+
 def count_nodes(graph: gs.Graph) -> int:
     return sum(len(g.nodes) for g in iter_graphs(graph))
 
@@ -44,10 +124,6 @@ def has_subgraphs(node: gs.Node) -> bool:
 
 def is_const(t: gs.Tensor | None) -> bool:
     return isinstance(t, gs.Constant)
-
-
-def is_empty(t: gs.Tensor) -> bool:
-    return isinstance(t, gs.Variable) and t.name == ""
 
 
 # Lazily loaded constants above this size are read on each use and never kept
@@ -91,7 +167,7 @@ def onnx_dtype(dt: np.dtype) -> int:
 def _ml_bits(t: gs.Constant) -> np.ndarray | None:
     """bfloat16/float8 values read from the stored bits: gs on onnx < 1.18
     converts them through float32 into a mislabelled array."""
-    v = t._values
+    v = lazy_values(t)
     if not (isinstance(t.dtype, int) and t.dtype in _ML_ENUMS and type(v) is LazyValues):
         return None
     import ml_dtypes
@@ -107,7 +183,7 @@ def _ml_bits(t: gs.Constant) -> np.ndarray | None:
 
 
 def const_value(t: gs.Constant) -> np.ndarray:
-    v = t._values
+    v = lazy_values(t)
     bits = _ml_bits(t)
     if bits is not None:
         return bits
@@ -142,13 +218,6 @@ def const_dtype(t: gs.Constant) -> np.dtype | None:
         return _ml_dtype(np.dtype(dt))
     except (TypeError, KeyError, ValueError):
         return None
-
-
-def const_nbytes(t: gs.Constant) -> int:
-    v = t._values
-    if hasattr(v, "nbytes"):
-        return int(v.nbytes)
-    return int(np.asarray(t.values).nbytes)
 
 
 class ExternalRows:
@@ -189,10 +258,10 @@ class ExternalRows:
 def external_rows(t: gs.Constant) -> ExternalRows | None:
     """Row access to ``t`` while its values are still in its external data file
     (None for an in-memory constant, a scalar, or a bit-packed or string type)."""
-    v = t._values
+    v = lazy_values(t)
     dt = const_dtype(t)
     if (not isinstance(v, ExternalValues) or dt is None or not v.tensor.dims
-            or v.tensor.data_type in _PACKED_4BIT or v.tensor.data_type == onnx.TensorProto.STRING):
+            or v.tensor.data_type in PACKED_4BIT or v.tensor.data_type == onnx.TensorProto.STRING):
         return None
     return ExternalRows(v, dt)
 
@@ -249,6 +318,38 @@ def producer(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0] if len(t.inputs) else None
 
 
+def std_producer(t: gs.Tensor, *ops: str) -> gs.Node | None:
+    """The node writing ``t`` when it is a standard-domain ``ops`` node with one output."""
+    node = producer(t)
+    if node is None or not is_standard(node) or node.op not in ops or len(node.outputs) != 1:
+        return None
+    return node
+
+
+def const_ints(t: gs.Tensor, ndim: int, limit: int = 64) -> list[int] | None:
+    """The values of a constant int tensor (initializer or Constant node) of
+    rank ``ndim`` with at most ``limit`` elements (counted before they are read)."""
+    node = None
+    if not is_const(t):
+        node = std_producer(t, "Constant")
+        if node is None:
+            return None
+        t = node.attrs.get("value")
+    if is_const(t):
+        if math.prod(const_shape(t)) > limit:
+            return None
+        v = const_value(t)
+    elif "value_ints" in node.attrs:
+        v = np.asarray(node.attrs["value_ints"], np.int64).reshape(-1)
+    elif "value_int" in node.attrs:
+        v = np.asarray(node.attrs["value_int"], np.int64)
+    else:
+        return None
+    if v.ndim != ndim or v.dtype.kind not in "iu" or v.size > limit:
+        return None
+    return [int(x) for x in v.ravel()]
+
+
 def io_ids(graph: gs.Graph) -> tuple[set[int], set[int]]:
     return {id(t) for t in graph.inputs}, {id(t) for t in graph.outputs}
 
@@ -281,12 +382,11 @@ def bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> bo
     nothing) when the bypass is not legal.
     """
     in_ids, out_ids = io_ids(graph)
-    local_ids = {id(n) for n in graph.nodes}
     if id(dst) in out_ids:
         prod = producer(src)
         if (
             prod is None
-            or id(prod) not in local_ids
+            or id(prod) not in {id(n) for n in graph.nodes}  # built only here: bypass runs per removed node
             or id(src) in in_ids
             or id(src) in out_ids
             or is_const(src)
@@ -303,6 +403,22 @@ def bypass(graph: gs.Graph, node: gs.Node, src: gs.Tensor, dst: gs.Tensor) -> bo
         return True
     replace_uses(dst, src)
     remove_nodes(graph, [node])
+    return True
+
+
+def is_sorted(graph: gs.Graph, outer: frozenset[str] | set[str] = frozenset()) -> bool:
+    """Every node reads only graph inputs, constants, outer-scope names and
+    outputs of nodes before it (subgraphs included)."""
+    known = set(outer)
+    known.update(t.name for t in graph.inputs)
+    for node in graph.nodes:
+        for t in node.inputs:
+            if t.name and not isinstance(t, gs.Constant) and t.name not in known:
+                return False
+        for sub in node.subgraphs():
+            if not is_sorted(sub, known):
+                return False
+        known.update(t.name for t in node.outputs if t.name)
     return True
 
 

@@ -14,18 +14,10 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .base import Pass, PassResult
-from .graph import (
-    NameScope,
-    bypass,
-    const_value,
-    io_ids,
-    is_const,
-    is_standard,
-    iter_graphs,
-    producer,
-    remove_nodes,
-)
+from .graph import NameScope, NodeIndex, const_value, io_ids, is_const, is_standard, iter_graphs, producer
 from .shapes import TypeMap, infer_types
+
+__all__ = ["MergeUnsqueeze", "combine"]
 
 
 def _axes(node: gs.Node) -> list[int] | None:
@@ -58,12 +50,12 @@ class MergeUnsqueeze(Pass):
         merged = cancelled = 0
         for g in iter_graphs(graph):
             _, out_ids = io_ids(g)
-            local = {id(n) for n in g.nodes}
+            alive = NodeIndex(g)
             for outer in list(g.nodes):
                 if outer.op != "Unsqueeze" or not is_standard(outer) or len(outer.outputs) != 1:
                     continue
                 inner = producer(outer.inputs[0])
-                if (inner is not None and id(inner) in local and inner.op == "Squeeze" and is_standard(inner)
+                if (inner is not None and inner in alive and inner.op == "Squeeze" and is_standard(inner)
                         and len(inner.inputs) >= 1):
                     # Unsqueeze(Squeeze(x, a), a) == x: the squeezed dims were 1 and come back in place.
                     sq, usq = _axes(inner), _axes(outer)
@@ -71,12 +63,11 @@ class MergeUnsqueeze(Pass):
                     r = tm.rank(inner.inputs[0])
                     if sq and usq and r is not None and len(sq) == len(usq):
                         ns, nu = {a % r for a in sq if -r <= a < r}, {a % r for a in usq if -r <= a < r}
-                        if len(ns) == len(sq) == len(nu) and ns == nu and bypass(g, outer, inner.inputs[0],
-                                                                                outer.outputs[0]):
-                            local.discard(id(outer))
+                        if len(ns) == len(sq) == len(nu) and ns == nu and alive.bypass(outer, inner.inputs[0],
+                                                                                      outer.outputs[0]):
                             cancelled += 1
                     continue
-                if inner is None or id(inner) not in local or inner.op != "Unsqueeze" or not is_standard(inner):
+                if inner is None or inner not in alive or inner.op != "Unsqueeze" or not is_standard(inner):
                     continue
                 a1, a2 = _axes(inner), _axes(outer)
                 if a1 is None or a2 is None:
@@ -100,8 +91,7 @@ class MergeUnsqueeze(Pass):
                 merged += 1
                 mid = inner.outputs[0]
                 if not mid.outputs and id(mid) not in out_ids:
-                    remove_nodes(g, [inner])
-                    local.discard(id(inner))
+                    alive.remove([inner])
         stats = {k: v for k, v in (("merged", merged), ("cancelled", cancelled)) if v}
         return PassResult(bool(stats), stats)
 

@@ -32,10 +32,37 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .graph import (ComputedValues, ExternalRows, NameScope, const_dtype, const_value, external_rows, is_const,
-                    is_standard, onnx_dtype, producer, replace_uses)
+from .graph import (ComputedValues, ExternalRows, NameScope, const_dtype, const_value, external_rows, index_of,
+                    is_const, is_standard, onnx_dtype, producer, replace_uses)
+from .gs_adapter import LazyValues
+
+__all__ = [
+    "DEFAULT_OPS",
+    "FORMAT_VERSION",
+    "FoldedValues",
+    "InsertStats",
+    "MIN_OPSET",
+    "Policy",
+    "RECORD_KEY",
+    "RECURRENT_SLOTS",
+    "Record",
+    "ReparamError",
+    "Rule",
+    "Use",
+    "WEIGHT_SLOTS",
+    "apply_delta",
+    "delta",
+    "dump_records",
+    "find_weights",
+    "fold",
+    "insert",
+    "load_records",
+    "parse_factorization",
+    "reinsert",
+    "shapes_for",
+    "unfold",
+]
 
 RECORD_KEY = "beats.reparam"
 FORMAT_VERSION = 1
@@ -252,17 +279,6 @@ def delta(rec: Record, values: dict[str, np.ndarray]) -> np.ndarray:
     return np.moveaxis(mat.reshape(rest + [shape[rec.axis]]), -1, rec.axis)
 
 
-def fold_value(w0: np.ndarray, dlt: np.ndarray) -> np.ndarray:
-    """``W0 + delta`` computed in float64, cast back to W0's dtype; where the
-    delta is exactly zero W0's bits are kept (so -0.0 stays -0.0)."""
-    summed = (w0.astype(np.float64) + dlt).astype(w0.dtype)
-    return np.where(dlt == 0, w0, summed)
-
-
-def unfold_value(w: np.ndarray, dlt: np.ndarray) -> np.ndarray:
-    return np.where(dlt == 0, w, (w.astype(np.float64) - dlt).astype(w.dtype))
-
-
 _BLOCK_BYTES = 32 << 20
 
 
@@ -439,10 +455,6 @@ class InsertStats:
     @property
     def trainable_params(self) -> int:
         return sum(w["trainable_params"] for w in self.inserted)
-
-
-def _np_dtype_name(dt: np.dtype) -> str:
-    return np.dtype(dt).name
 
 
 def insert(graph: gs.Graph, policy: Policy, records: list[Record],
@@ -663,10 +675,6 @@ def _helper_const(rec: Record, names: NameScope, base: str, value) -> gs.Constan
     return c
 
 
-def _index_of(graph: gs.Graph, node: gs.Node) -> int:
-    return next(i for i, n in enumerate(graph.nodes) if n is node)
-
-
 def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, names: NameScope) -> None:
     new: list[gs.Node] = []
 
@@ -706,7 +714,8 @@ def _build_weight(graph, rec: Record, w: gs.Constant, uses: list[Use], c: dict, 
         eff = add("Cast", [s], f"{rec.weight}.beats_W", to=onnx_dt)
         eff.dtype = wdt if wdt.kind == "f" and wdt.itemsize == 2 and wdt == np.float16 else None
     rec.effective = eff.name
-    first = min(_index_of(graph, n) for n in w.outputs if any(n is m for m in graph.nodes))
+    at = {id(n): i for i, n in enumerate(graph.nodes)}  # the first reader in this graph
+    first = min(at[id(n)] for n in w.outputs if id(n) in at)
     mine = {id(n) for n in new}
     for reader in list(w.outputs):
         if id(reader) in mine:
@@ -741,7 +750,7 @@ def _build_branch(graph, rec: Record, uses: list[Use], c: dict, names: NameScope
         rec.nodes.append(add_node.name)
         new.append(add_node)
         rec.renamed[base.name] = y.name
-        at = _index_of(graph, node) + 1
+        at = index_of(graph, node) + 1
         graph.nodes[at:at] = new
 
 

@@ -165,7 +165,7 @@ def test_a_qnn_crash_is_reported_naming_the_node(corpus, capfd):
     layout handling) on the dynamo ConvNeXt's layer-scale Transpose after a Gather:
     the child-process build turns that into one line naming the node (exit 4)."""
     pytest.importorskip("onnxruntime_qnn", reason="the npu extra (onnxruntime-qnn) is not installed")
-    from beats_compiler.npu import QnnCrash
+    from beats_compiler.targets.qnn import QnnCrash
 
     with pytest.raises(QnnCrash, match=r"crashes \(SIGABRT\) building its graph at node '.+' \(Transpose\)"):
         bc.compile(str(corpus["convnext-dynamo"]), "npu", calib="random", disable=["transpose_to_reshape"])

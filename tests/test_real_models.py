@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,14 +30,15 @@ import onnx
 import pytest
 
 import beats_compiler
-from beats_compiler.api import CompileResult
+from beats_compiler.pipeline import CompileResult
+from fixtures.exporters import TS_OPSET, dynamo_export
+from fixtures.real_models import MINILM_DYNAMIC, export_minilm, export_torchscript_cnn, export_tiny_bert
+from fixtures.real_models import image_feeds as _image_feeds
+from fixtures.real_models import small_resnet as _small_resnet
+from fixtures.real_models import tiny_bert as _tiny_bert
+from fixtures.real_models import token_feeds as _token_feeds
 
 from .helpers import assert_same_on_ort, ops, run
-from .models_real import MINILM_DYNAMIC, OPSET, export_minilm, export_torchscript_cnn, export_tiny_bert
-from .models_real import image_feeds as _image_feeds
-from .models_real import small_resnet as _small_resnet
-from .models_real import tiny_bert as _tiny_bert
-from .models_real import token_feeds as _token_feeds
 
 pytestmark = [pytest.mark.slow, pytest.mark.exporters]  # exporters: torch, transformers
 
@@ -119,12 +119,8 @@ def build_dynamo_cnn(request, tmp: Path) -> Case:
 
     t0 = time.perf_counter()
     batch = torch.export.Dim("batch", min=1, max=64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _small_resnet(), (torch.zeros(2, 3, 16, 16),), dynamo=True, input_names=["x"], output_names=["y"],
-            dynamic_shapes={"x": {0: batch}}, optimize=False, verbose=False,
-        )
+    program = dynamo_export(_small_resnet(), (torch.zeros(2, 3, 16, 16),), ["x"], ["y"], {"x": {0: batch}},
+                            opset=None, optimize=False)
     path = tmp / "cnn_dynamo.onnx"
     program.save(str(path), external_data=True)
     export_s = time.perf_counter() - t0
@@ -141,14 +137,8 @@ def build_dynamo_bert(request, tmp: Path) -> Case:
     t0 = time.perf_counter()
     b, s = torch.export.Dim("batch", min=1, max=32), torch.export.Dim("seq", min=2, max=64)
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _tiny_bert(), (ids, torch.ones(2, 8, dtype=torch.int64)), dynamo=True,
-            input_names=["input_ids", "attention_mask"], output_names=["logits"],
-            dynamic_shapes=({0: b, 1: s}, {0: b, 1: s}), verbose=False,
-        )
-    original = program.model_proto
+    original = dynamo_export(_tiny_bert(), (ids, torch.ones(2, 8, dtype=torch.int64)), ["input_ids", "attention_mask"],
+                             ["logits"], ({0: b, 1: s}, {0: b, 1: s}), opset=None).model_proto
     export_s = time.perf_counter() - t0
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
     return _compile(original, original, _token_feeds(100), dyn, export_s)
@@ -200,7 +190,7 @@ def build_skl_logreg_zipmap(request, tmp: Path) -> Case:
     X, y = _classification_data()
     t0 = time.perf_counter()
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(X, y)
-    original = to_onnx(pipe, X[:1], target_opset=OPSET)  # batch axis left unnamed
+    original = to_onnx(pipe, X[:1], target_opset=TS_OPSET)  # batch axis left unnamed
     export_s = time.perf_counter() - t0
     assert "ZipMap" in ops(original)
     # skl2onnx's Cast of the label to its own type is a no-op
@@ -218,7 +208,7 @@ def build_skl_forest(request, tmp: Path) -> Case:
     X, y = _classification_data()
     t0 = time.perf_counter()
     pipe = make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=5, max_depth=4, random_state=0)).fit(X, y)
-    original = to_onnx(pipe, X[:1], options={"zipmap": False}, target_opset=OPSET)
+    original = to_onnx(pipe, X[:1], options={"zipmap": False}, target_opset=TS_OPSET)
     export_s = time.perf_counter() - t0
     return _compile(original, original, [{"X": X[:7]}, {"X": X[-3:]}],
                     {"X": {0: None}, "label": {0: None}, "probabilities": {0: None}}, export_s)

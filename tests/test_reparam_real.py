@@ -24,10 +24,10 @@ import pytest
 from onnx import numpy_helper
 
 from beats_compiler import reparam as api
+from fixtures.real_models import export_minilm, export_tiny_bert, export_torchscript_cnn, image_feeds, token_feeds
 from passes import reparam as rp
 
 from .helpers import assert_same_on_ort, session
-from .models_real import export_minilm, export_tiny_bert, export_torchscript_cnn, image_feeds, token_feeds
 
 pytestmark = [pytest.mark.slow, pytest.mark.exporters]  # exporters: torch, transformers
 
@@ -115,7 +115,7 @@ def trained(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     out.CopyFrom(model)
     inits = {t.name: t for t in out.graph.initializer}
     shape = lambda n: tuple(inits[n].dims)  # noqa: E731
-    for r in api._get_records(model):
+    for r in api.get_records(model):
         scale = float(np.std(numpy_helper.to_array(inits[r.weight]).astype(np.float64))) or 1.0
         vals = {r.D: 1 + 0.1 * rng.standard_normal(shape(r.D))}
         if r.V:
@@ -131,7 +131,7 @@ def trained(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
 def probe_outputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """``model`` with every effective weight (weight layout) and every side
     path (branch layout) as extra outputs."""
-    recs = api._get_records(model)
+    recs = api.get_records(model)
     inits = {t.name: t for t in model.graph.initializer}
     extra = [onnx.helper.make_tensor_value_info(r.effective, inits[r.weight].data_type, list(inits[r.weight].dims))
              for r in recs if r.effective]
@@ -162,7 +162,7 @@ def test_insert_fold_on_real_models(exported, name, fact, layout):
     # the side paths add exact zeros ...
     probe, extra = probe_outputs(ins.model)
     got = outputs(probe, feeds, extra=extra)
-    recs = {r.effective: r.weight for r in api._get_records(ins.model)}
+    recs = {r.effective: r.weight for r in api.get_records(ins.model)}
     w0 = {t.name: t for t in model.graph.initializer}
     for f in got:
         for name_, value in zip(extra, f[-len(extra):]):

@@ -8,13 +8,16 @@ onnx 1.17) in its own virtual environment (``.venv-train``), where
 ``generate_artifacts`` and ``train`` run in-process or are delegated to
 ``python -m beats_compiler.training.worker``.  Nothing here imports
 onnxruntime.training at import time.
+
+The entry points live in ``api``; the modules below it import each other in
+one direction: ``api`` -> ``worker`` -> ``artifacts``, ``loop`` -> ``native``
+-> ``common`` (a leaf), with ``env``, ``preflight`` and ``gradients`` beside.
 """
 
 from __future__ import annotations
 
-from .artifacts import ArtifactsResult, generate_artifacts
+from .api import ArtifactsResult, TrainResult, generate_artifacts, train
 from .env import find_training_python, in_training_env
-from .loop import TrainResult, train
 
 __all__ = [
     "ArtifactsResult",

@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 import traceback
 
-from ..cli import EXIT_INTERNAL, _human, _one_line, _Parser, _positive_float
+from ..cli_common import EXIT_INTERNAL, Parser, human, positive_float
+from ..errors import BeatsError, short_message
+from .api import generate_artifacts, train
+from .common import DEFAULTS, LOSSES, OPTIMIZERS, SCHEDULES
 
 COMMANDS = ("artifacts", "train")
 _EPILOG = ("Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error. "
@@ -24,11 +27,8 @@ def _betas(text: str) -> tuple[float, float]:
 
 
 def build_parser(cmd: str) -> argparse.ArgumentParser:
-    from .artifacts import DEFAULTS, LOSSES, OPTIMIZERS
-    from .loop import SCHEDULES
-
     if cmd == "artifacts":
-        p = _Parser(prog="beats-compile artifacts", epilog=_EPILOG,
+        p = Parser(prog="beats-compile artifacts", epilog=_EPILOG,
                     description="Generate training artifacts for a model made by `beats-compile insert`: D/V "
                                 "trainable, every other initializer frozen. Default format: a train-step model "
                                 "(forward, loss, backward from the gradient pass, optimizer update) and an eval model "
@@ -43,21 +43,21 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--label-name", metavar="NAME",
                        help="name of the label input the artifacts get (default labels for ce, target otherwise)")
         p.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS), help="adamw (default) or sgd")
-        p.add_argument("--lr", type=_positive_float, default=DEFAULTS["lr"],
+        p.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"],
                        help=f"default learning rate of `train` (default {DEFAULTS['lr']:g})")
-        p.add_argument("--weight-decay", type=_positive_float, default=DEFAULTS["weight_decay"],
+        p.add_argument("--weight-decay", type=positive_float, default=DEFAULTS["weight_decay"],
                        help="AdamW weight decay (default 0)")
         p.add_argument("--betas", type=_betas, default=DEFAULTS["betas"], metavar="B1,B2",
                        help="AdamW betas (default 0.9,0.999)")
-        p.add_argument("--eps", type=_positive_float, default=DEFAULTS["eps"], help="AdamW epsilon (default 1e-8)")
-        p.add_argument("--momentum", type=_positive_float, default=0.0, help="SGD momentum (default 0)")
+        p.add_argument("--eps", type=positive_float, default=DEFAULTS["eps"], help="AdamW epsilon (default 1e-8)")
+        p.add_argument("--momentum", type=positive_float, default=0.0, help="SGD momentum (default 0)")
         p.add_argument("--ignore-index", type=int, default=-100,
                        help="ce: label value that does not count, e.g. padding tokens (default -100)")
         p.add_argument("--format", default="beats", choices=["beats", "ort"],
                        help="beats (default: run by `train` on current onnxruntime) or ort (ORT training 1.19.2's "
                             "on-device format)")
     else:
-        p = _Parser(prog="beats-compile train", epilog=_EPILOG,
+        p = Parser(prog="beats-compile train", epilog=_EPILOG,
                     description="Train the D/V of an artifacts folder on .npz data (model input names and the label "
                                 "name -> arrays, first axis = examples); write metrics.json, curve.png, a checkpoint "
                                 "per epoch and the trained D/V as an adapter.")
@@ -66,7 +66,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
         p.add_argument("--eval", dest="eval_data", metavar="EVAL.npz", help="evaluation data (loss, accuracy, early stop)")
         p.add_argument("--epochs", type=int, default=3, help="epochs (default 3)")
         p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
-        p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the one given to `artifacts`)")
+        p.add_argument("--lr", type=positive_float, help="peak learning rate (default: the one given to `artifacts`)")
         p.add_argument("--schedule", default="constant", choices=list(SCHEDULES),
                        help="learning-rate decay after warmup (default constant)")
         p.add_argument("--warmup", type=int, default=0, metavar="STEPS", help="linear warmup steps (default 0)")
@@ -78,7 +78,7 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
                                                        "(default: the artifacts' label input name)")
         p.add_argument("--out-dir", metavar="RUN", help="run folder (default DIR/run)")
         p.add_argument("--fold", metavar="OUT.onnx", help="also write the deployable model with W0 + D (.) V folded in")
-        p.add_argument("--fold-atol", type=_positive_float, default=1e-4,
+        p.add_argument("--fold-atol", type=positive_float, default=1e-4,
                        help="largest |folded - trained| logit difference accepted (default 1e-4)")
         p.add_argument("--save-adapter", metavar="A.npz", help="where to write the adapter (default RUN/adapter.npz)")
         p.add_argument("--no-curve", action="store_true", help="do not draw curve.png")
@@ -92,8 +92,6 @@ def build_parser(cmd: str) -> argparse.ArgumentParser:
 
 def _run_artifacts(args, console) -> int:
     from rich.table import Table
-
-    from .artifacts import generate_artifacts
 
     status = None if args.quiet else console.status("generating artifacts", spinner="dots")
     if status is not None:
@@ -118,8 +116,8 @@ def _run_artifacts(args, console) -> int:
     for col, just in (("", "left"), ("tensors", "right"), ("parameters", "right"), ("bytes", "right")):
         t.add_column(col, justify=just)
     t.add_row("trainable (D/V)", str(m["trainable"]["count"]), f"{m['trainable']['params']:,}",
-              _human(m["trainable"]["bytes"]))
-    t.add_row("frozen", str(m["frozen"]["count"]), f"{m['frozen']['params']:,}", _human(m["frozen"]["bytes"]))
+              human(m["trainable"]["bytes"]))
+    t.add_row("frozen", str(m["frozen"]["count"]), f"{m['frozen']['params']:,}", human(m["frozen"]["bytes"]))
     console.print(t)
     opt = m["optimizer"]
     settings = (f"lr {opt['lr']:g}, weight decay {opt['weight_decay']:g}, betas {tuple(opt['betas'])}, eps {opt['eps']:g}"
@@ -133,7 +131,7 @@ def _run_artifacts(args, console) -> int:
     ft.add_column("file")
     ft.add_column("size", justify="right")
     for name, size in res.files.items():
-        ft.add_row(name, _human(size))
+        ft.add_row(name, human(size))
     console.print(ft)
     return 0
 
@@ -141,8 +139,6 @@ def _run_artifacts(args, console) -> int:
 def _run_train(args, console) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
-
-    from .loop import train
 
     bar = None if args.quiet else Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                            TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
@@ -201,8 +197,8 @@ def _run_train(args, console) -> int:
                       + (f", eval accuracy {ie['eval_accuracy']:.4f}" if ie.get("eval_accuracy") is not None else ""))
     console.print(f"trainable parameters: {m['trainable_params']:,} (frozen {m['frozen_params']:,}); kept: {m['kept']}"
                   + ("; stopped early" if m["stopped_early"] else ""))
-    console.print(f"wrote {res.adapter} ({_human(m['sizes']['adapter_bytes'])}; checkpoint "
-                  f"{_human(m['sizes']['checkpoint_bytes'])}), {res.metrics_path}" + (f", {res.curve}" if res.curve else ""))
+    console.print(f"wrote {res.adapter} ({human(m['sizes']['adapter_bytes'])}; checkpoint "
+                  f"{human(m['sizes']['checkpoint_bytes'])}), {res.metrics_path}" + (f", {res.curve}" if res.curve else ""))
     if res.folded:
         console.print(f"[green]wrote {res.folded}[/]: folded model, {res.folded_node_count} nodes "
                       f"(inserted: {res.inserted_node_count}); max |folded - trained| {res.fold_max_abs_diff:.3g}")
@@ -214,8 +210,6 @@ def _run_train(args, console) -> int:
 def main(argv: list[str]) -> int:
     from rich.console import Console
 
-    from ..errors import BeatsError
-
     cmd = argv[0]
     args = build_parser(cmd).parse_args(argv[1:])
     console = Console(stderr=False, highlight=False)
@@ -224,7 +218,7 @@ def main(argv: list[str]) -> int:
         return _run_artifacts(args, console) if cmd == "artifacts" else _run_train(args, console)
     except BeatsError as exc:
         kind = "internal error" if exc.exit_code == EXIT_INTERNAL else "error"
-        err.print(f"beats-compile: {kind}: {_one_line(str(exc))}", markup=False, soft_wrap=True)
+        err.print(f"beats-compile: {kind}: {short_message(str(exc), None, raw=True)}", markup=False, soft_wrap=True)
         if args.debug:
             tb = getattr(exc, "worker_traceback", None)
             err.print(tb, markup=False) if tb else traceback.print_exc()
@@ -233,7 +227,7 @@ def main(argv: list[str]) -> int:
         err.print("beats-compile: interrupted", markup=False)
         return 130
     except Exception as exc:  # a bug: one line unless --debug
-        err.print(f"beats-compile: internal error: {type(exc).__name__}: {_one_line(str(exc))}"
+        err.print(f"beats-compile: internal error: {type(exc).__name__}: {short_message(str(exc), None, raw=True)}"
                   + ("" if args.debug else " (rerun with --debug for the traceback)"), markup=False, soft_wrap=True)
         if args.debug:
             traceback.print_exc()

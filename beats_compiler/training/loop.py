@@ -1,5 +1,6 @@
-"""The training loop, and ``train``: over the default engine's train step
-(``native.NativeTrainer``) or over ORT training artifacts (``--format ort``).
+"""The training loop (``train_here``, called by ``api.train`` in-process or by
+the worker): over the default engine's train step (``native.NativeTrainer``)
+or over ORT training artifacts (``--format ort``).
 
 Data: ``.npz`` files mapping each model input name and the label name to an
 array whose first axis is the example.  Each epoch: seeded shuffle, batches,
@@ -14,19 +15,22 @@ trained model's logits).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..errors import InputError, VerificationError
+from ..errors import InputError
+from ..reparam import Adapter, get_records
+from ..verify import load_inputs
 from . import env as _env
-from .artifacts import INSERTED, load_manifest
+from .common import (ENGINE, INSERTED, SCHEDULES, atomic_json, atomic_npz, batches, load_manifest, read_model,
+                     score)
+from .native import NativeTrainer
 
-SCHEDULES = ("constant", "linear", "cosine")
 RUN_FILES = {
     "checkpoint": "checkpoint",
     "loop_state": "loop_state.json",
@@ -38,30 +42,6 @@ RUN_FILES = {
 }
 REFERENCE_EXAMPLES = 32
 LOGITS_KEY = "__trained_logits__"
-
-
-@dataclass
-class TrainResult:
-    """What ``train`` did and wrote."""
-
-    run_dir: str
-    metrics: dict  # the content of metrics.json
-    adapter: str
-    checkpoint: str
-    metrics_path: str
-    curve: str | None
-    folded: str | None = None
-    fold_max_abs_diff: float | None = None  # folded model vs. the trained model's logits
-    folded_node_count: int | None = None
-    inserted_node_count: int | None = None
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def history(self) -> list[dict]:
-        return self.metrics["epochs"]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def lr_at(step: int, total: int, lr: float, schedule: str, warmup: int) -> float:
@@ -76,7 +56,7 @@ def lr_at(step: int, total: int, lr: float, schedule: str, warmup: int) -> float
     return lr * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-def _check_args(epochs: int, batch_size: int, lr: float | None, schedule: str, warmup: int, patience: int | None) -> None:
+def check_args(epochs: int, batch_size: int, lr: float | None, schedule: str, warmup: int, patience: int | None) -> None:
     if epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}")
     if batch_size < 1:
@@ -91,123 +71,7 @@ def _check_args(epochs: int, batch_size: int, lr: float | None, schedule: str, w
         raise InputError(f"--patience must be at least 1, not {patience}")
 
 
-def train(
-    artifacts_dir: str | os.PathLike,
-    data: str | os.PathLike,
-    *,
-    eval_data: str | os.PathLike | None = None,
-    epochs: int = 3,
-    batch_size: int = 32,
-    lr: float | None = None,
-    schedule: str = "constant",
-    warmup: int = 0,
-    seed: int = 0,
-    patience: int | None = None,
-    resume: bool = False,
-    label: str | None = None,
-    out_dir: str | os.PathLike | None = None,
-    fold: str | os.PathLike | None = None,
-    save_adapter: str | os.PathLike | None = None,
-    fold_atol: float = 1e-4,
-    curve: bool = True,
-    device: str | None = None,
-    threads: int = 0,
-    progress: Callable[[dict], None] | None = None,
-) -> TrainResult:
-    """Train the D/V of ``artifacts_dir`` (from ``generate_artifacts``) on
-    ``data`` (.npz: model input names and the label name -> arrays).
-
-    Writes into ``out_dir`` (default ``<artifacts_dir>/run``): ``checkpoint``
-    (ORT, with optimizer state), ``loop_state.json``, ``metrics.json``,
-    ``curve.png``, ``adapter.npz`` (or ``save_adapter``).  ``resume``
-    continues from the last checkpoint there.  ``fold`` also writes the
-    deployable model (W0 + D (.) V folded in), verified on ONNX Runtime and
-    against the trained model's logits (max abs diff <= ``fold_atol``).
-    ``curve=False`` skips the PNG (matplotlib takes seconds to import).
-    ``device`` (cpu | cuda) and ``threads`` (intra-op threads, 0 = ORT's
-    default) apply to the default engine (artifacts from the gradient pass).
-    ``progress`` receives event dicts (type: start, step, epoch, message)."""
-    _check_args(epochs, batch_size, lr, schedule, warmup, patience)
-    art = Path(artifacts_dir).absolute()
-    load_manifest(art)
-    run = Path(out_dir).absolute() if out_dir is not None else art / "run"
-    fold_path = Path(fold).absolute() if fold is not None else None
-    if fold_path is not None and not fold_path.parent.is_dir():
-        raise InputError(f"{fold_path}: folder {fold_path.parent} does not exist")
-    if fold_path is not None and fold_path.resolve() == (art / INSERTED).resolve():
-        raise InputError(f"{fold_path}: refusing to overwrite the inserted model")
-    run_check = Path(out_dir) if out_dir is not None else art / "run"
-    if resume and not ((run_check / RUN_FILES["checkpoint"]).is_file() and (run_check / RUN_FILES["loop_state"]).is_file()):
-        raise InputError(f"{run_check}: nothing to resume (no checkpoint and loop_state.json from an earlier run)")
-    _load_data(art, load_manifest(art), data, eval_data, label)  # bad data: one line, before starting the worker
-    args = dict(artifacts_dir=str(art), data=str(Path(data).absolute()),
-                eval_data=str(Path(eval_data).absolute()) if eval_data is not None else None,
-                epochs=int(epochs), batch_size=int(batch_size), lr=None if lr is None else float(lr), schedule=schedule,
-                warmup=int(warmup), seed=int(seed), patience=None if patience is None else int(patience),
-                resume=bool(resume), label=label, out_dir=str(run),
-                save_adapter=str(Path(save_adapter).absolute()) if save_adapter is not None else None,
-                curve=bool(curve))
-    from .native import ENGINE
-
-    if load_manifest(art).get("engine") == ENGINE:
-        data_out = train_here(**args, device=device, threads=int(threads), progress=progress)
-    elif device not in (None, "cpu"):
-        raise InputError("--device applies to the default engine; these are ORT training artifacts (CPU)")
-    elif _env.runs_here(python := _env.find_training_python()):
-        data_out = train_here(**args, progress=progress)
-    else:
-        from .worker import call
-
-        data_out = call(python, "train", args, progress)
-    result = TrainResult(**data_out)
-    if fold_path is not None:
-        _fold(result, art, fold_path, fold_atol, progress)
-    return result
-
-
-def _fold(result: TrainResult, art: Path, out: Path, atol: float, progress) -> None:
-    """Fold the adapter into the inserted model (in this process), save it,
-    and compare its logits with the trained model's on the saved examples."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from ..io import load_model, save_model
-    from ..verify import quiet_session_options
-    from ..reparam import Adapter, fold
-
-    say = progress or (lambda ev: None)
-    say({"type": "message", "text": "folding the trained D/V"})
-    with np.load(Path(result.run_dir) / RUN_FILES["reference"], allow_pickle=False) as ref:
-        arrays = {k: ref[k] for k in ref.files}
-    trained = arrays.pop(LOGITS_KEY)
-    loaded = load_model(art / INSERTED, lazy=True)
-    adapter = Adapter.load(result.adapter)
-    # verified on the saved training examples: generated inputs can be out of range for the
-    # model (token ids past an embedding table, a token_type_ids of 2 for BERT's two rows)
-    folded = fold(loaded, adapter=adapter, inputs=arrays if trained.size else None, measure_latency=False)
-    if folded.report.verified is False:
-        raise VerificationError("the folded model does not match the inserted model carrying the trained D/V")
-    saved = save_model(folded.model, out, external_data=loaded.uses_external_data, base_dir=folded.base_dir)
-    output = result.metrics["loss_output"]
-    sess = ort.InferenceSession(str(saved.path), quiet_session_options(), providers=["CPUExecutionProvider"])
-    got = sess.run([output], arrays)[0]
-    diff = float(np.max(np.abs(got.astype(np.float64) - trained.astype(np.float64)))) if trained.size else 0.0
-    result.folded = str(saved.path)
-    result.fold_max_abs_diff = diff
-    result.folded_node_count = len(folded.model.graph.node)
-    result.inserted_node_count = folded.report.nodes_before
-    if not diff <= atol:
-        raise VerificationError(f"the folded model's {output!r} differs from the trained model's by {diff:.3g} "
-                                f"(> {atol:g}); {saved.path} was written for inspection")
-
-
 # --------------------------------------------------------------------------- in the training environment
-
-
-def _load_npz(path: Path, what: str) -> dict:
-    from ..verify import load_inputs
-
-    return load_inputs(path, what)
 
 
 def _validate(arrays: dict, path: Path, man: dict, label_key: str) -> tuple[dict, int]:
@@ -264,7 +128,7 @@ def _validate(arrays: dict, path: Path, man: dict, label_key: str) -> tuple[dict
     return out, int(n)
 
 
-def _load_data(art: Path, man: dict, data, eval_data, label: str | None):
+def load_data(art: Path, man: dict, data, eval_data, label: str | None):
     """The checked training and eval arrays (eval: None, 0 when not given)."""
     if man["loss"] == "ce" and "classes" not in man:
         import onnx
@@ -277,24 +141,11 @@ def _load_data(art: Path, man: dict, data, eval_data, label: str | None):
                 classes = d.dim_value if d.HasField("dim_value") else None
         man["classes"] = classes
     label_key = label or man["label"]["name"]
-    train_arrays, n_train = _validate(_load_npz(Path(data), "training data"), Path(data), man, label_key)
+    train_arrays, n_train = _validate(load_inputs(Path(data), "training data"), Path(data), man, label_key)
     eval_arrays, n_eval = None, 0
     if eval_data is not None:
-        eval_arrays, n_eval = _validate(_load_npz(Path(eval_data), "eval data"), Path(eval_data), man, label_key)
+        eval_arrays, n_eval = _validate(load_inputs(Path(eval_data), "eval data"), Path(eval_data), man, label_key)
     return train_arrays, n_train, eval_arrays, n_eval
-
-
-def score(loss: str, logits, labels, ignore_index: int | None = None) -> tuple[int, int]:
-    """(correct, counted) predictions of a batch: argmax for ce (positions labelled
-    ``ignore_index`` not counted), sign for bce; (0, 0) for regression losses."""
-    import numpy as np
-
-    if loss == "ce":
-        keep = labels != ignore_index if ignore_index is not None else np.ones(labels.shape, bool)
-        return int(((logits.argmax(-1) == labels) & keep).sum()), int(keep.sum())
-    if loss == "bce":
-        return int(((logits > 0) == (labels > 0.5)).sum()), int(np.prod(logits.shape))
-    return 0, 0
 
 
 def _fmt_shape(shape) -> str:
@@ -305,32 +156,6 @@ def _static_batch(man: dict) -> int | None:
     dims = [i["shape"][0] for i in man["inputs"] if i["shape"]]
     fixed = {d for d in dims if isinstance(d, int) and d > 0}
     return fixed.pop() if len(fixed) == 1 else None
-
-
-def _batches(n: int, batch: int, order, drop_last: bool):
-    for s in range(0, n, batch):
-        idx = order[s:s + batch]
-        if drop_last and len(idx) < batch:
-            return
-        yield idx
-
-
-def _atomic_json(path: Path, body: dict) -> None:
-    from ..io import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(body, indent=2) + "\n").encode())
-
-
-def _atomic_npz(path: Path, arrays: dict) -> None:
-    import io
-
-    import numpy as np
-
-    from ..io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plot(path: Path, history: list[dict], loss: str) -> str | None:
@@ -400,7 +225,7 @@ class _Trainer:
         self.module.eval()
         loss_sum, seen, correct, count = 0.0, 0, 0, 0
         lab = arrays[self.man["label"]["name"]]
-        for idx in _batches(n, batch, np.arange(n), drop_last):
+        for idx in batches(n, batch, np.arange(n), drop_last):
             outs = self.module(*self.feeds(arrays, idx))
             loss_sum += float(outs[0]) * len(idx)
             seen += len(idx)
@@ -428,15 +253,12 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
                progress: Callable[[dict], None] | None = None) -> dict:
     import numpy as np
 
-    from ..reparam import Adapter
-    from .artifacts import _read_model
-
     say = progress or (lambda ev: None)
-    _check_args(epochs, batch_size, lr, schedule, warmup, patience)
+    check_args(epochs, batch_size, lr, schedule, warmup, patience)
     art, run = Path(artifacts_dir), Path(out_dir)
     man = load_manifest(art)
     lr = float(man["optimizer"]["lr"] if lr is None else lr)
-    train_arrays, n_train, eval_arrays, n_eval = _load_data(art, man, data, eval_data, label)
+    train_arrays, n_train, eval_arrays, n_eval = load_data(art, man, data, eval_data, label)
     fixed = _static_batch(man)
     if fixed is not None and fixed != batch_size:
         raise InputError(f"the model's inputs have a fixed batch dimension of {fixed}: use --batch-size {fixed}")
@@ -457,14 +279,10 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
     adapter_path = Path(save_adapter) if save_adapter else run / RUN_FILES["adapter"]
     if not adapter_path.parent.is_dir() and adapter_path.parent != run:
         raise InputError(f"{adapter_path}: folder {adapter_path.parent} does not exist")
-    import hashlib
-
     config = {"artifacts": hashlib.sha256((art / "beats_artifacts.json").read_bytes()).hexdigest()[:16],
               "data": data, "eval_data": eval_data, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "schedule": schedule, "warmup": warmup, "seed": seed, "patience": patience, "n_train": n_train,
               "n_eval": n_eval}
-    from .native import ENGINE, NativeTrainer
-
     native = man.get("engine") == ENGINE
     if native:
         tr = NativeTrainer(art, man, device=device, threads=threads)
@@ -517,7 +335,7 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
         epoch = loop["epoch"] + 1
         order = np.random.default_rng([seed, epoch]).permutation(n_train)
         t0, loss_sum, seen, last_emit = time.perf_counter(), 0.0, 0, 0.0
-        for i, idx in enumerate(_batches(n_train, batch_size, order, drop_last)):
+        for i, idx in enumerate(batches(n_train, batch_size, order, drop_last)):
             cur_lr = lr_at(loop["step"], total_steps, lr, schedule, warmup)
             loss = tr.step(train_arrays, idx, cur_lr)
             if not math.isfinite(loss):
@@ -543,7 +361,7 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
             (metric[0], -metric[1]) > (loop["best"][0], -loop["best"][1]) if higher else metric[0] < loop["best"][0])
         if better:
             loop["best"], loop["best_epoch"], loop["bad_epochs"] = metric, epoch, 0
-            _atomic_npz(best_path, tr.values())
+            atomic_npz(best_path, tr.values())
         else:
             loop["bad_epochs"] += 1
         row["best"] = better
@@ -559,7 +377,7 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
             tmp_ck = run / f".{RUN_FILES['checkpoint']}.tmp"
             api.CheckpointState.save_checkpoint(state, str(tmp_ck), include_optimizer_state=True)
             os.replace(tmp_ck, ck_path)
-        _atomic_json(ls_path, loop)
+        atomic_json(ls_path, loop)
         say({"type": "epoch", **row, "stopped_early": loop["stopped_early"]})
 
     # The kept values: the best epoch's when there is an eval metric.
@@ -569,10 +387,8 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
             tr.set_values({k: z[k] for k in z.files})
         kept = f"best (epoch {loop['best_epoch']})"
     values = tr.values()
-    model, _ = _read_model(art / INSERTED)
-    from ..reparam import _get_records
-
-    Adapter(_get_records(model), values).save(adapter_path)
+    model, _ = read_model(art / INSERTED)
+    Adapter(get_records(model), values).save(adapter_path)
     ref_src, ref_n = (eval_arrays, n_eval) if eval_arrays is not None else (train_arrays, n_train)
     k = min(REFERENCE_EXAMPLES, ref_n)
     if fixed is not None:
@@ -580,7 +396,7 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
     idx = np.arange(k)
     ref = {name: ref_src[name][idx] for name in (i["name"] for i in man["inputs"])}
     ref[LOGITS_KEY] = tr.logits(ref_src, idx) if k else np.zeros((0,), np.float32)
-    _atomic_npz(run / RUN_FILES["reference"], ref)
+    atomic_npz(run / RUN_FILES["reference"], ref)
     hist = loop["history"]
     metrics = {
         "loss": man["loss"], "loss_output": man["loss_output"], "monitor": monitor, "kept": kept,
@@ -591,7 +407,7 @@ def train_here(*, artifacts_dir: str, data: str, eval_data: str | None, epochs: 
         "sizes": {"adapter_bytes": adapter_path.stat().st_size, "checkpoint_bytes": ck_path.stat().st_size},
     }
     metrics_path = run / RUN_FILES["metrics"]
-    _atomic_json(metrics_path, metrics)
+    atomic_json(metrics_path, metrics)
     warnings = []
     want_curve = curve
     curve = _plot(run / RUN_FILES["curve"], hist, man["loss"]) if hist and want_curve else None

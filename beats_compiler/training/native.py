@@ -12,7 +12,6 @@ can be silently wrong: its execution order is no contract), swapped each step.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,12 +20,15 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from ..errors import InputError
-from ..verify import quiet_session_options
+from passes.tensors import tensor_nbytes
 
-ENGINE = "beats"
-TRAIN_MODEL, EVAL_MODEL, WEIGHTS, PARAMS = "train_step.onnx", "eval_model.onnx", "weights.data", "params.npz"
-FILES = (TRAIN_MODEL, EVAL_MODEL, PARAMS)  # weights.data only when a weight is over _INLINE_LIMIT
+from ..errors import InputError
+from ..io import save_model
+from ..verify import quiet_session_options
+from ..version import VERSION
+from .common import (ENGINE, EVAL_MODEL, FORMAT, INSERTED, PARAMS, TRAIN_MODEL, WEIGHTS, atomic_npz,
+                     batches, dtype_name, model_inputs_and_label, open_inserted, publish, score, shape)
+
 CONVERT_TO = 17  # opset an older model is converted to (the gradient pass needs >= 13)
 _INLINE_LIMIT = 1024  # initializers of at most this many bytes stay inside each model
 
@@ -109,10 +111,6 @@ def generate_native(*, inserted_model: str, out_dir: str, loss: str, output: str
     from passes.gradient import GradientError
     from passes.train_step import LossSpec, OptimizerSpec, build_train_step
 
-    from .. import __version__
-    from .artifacts import (FORMAT, INSERTED, MANIFEST, _dtype_name, _publish, _shape, _tensor_bytes,
-                            model_inputs_and_label, open_inserted)
-
     say = progress or (lambda ev: None)
     src, out = Path(inserted_model), Path(out_dir)
     model, external, manifest, output = open_inserted(src, out, output, say)
@@ -140,8 +138,6 @@ def generate_native(*, inserted_model: str, out_dir: str, loss: str, output: str
         _save_pair(train_m, eval_m, tmp)
         np.savez(tmp / PARAMS, **values)
         if external:
-            from ..io import save_model
-
             save_model(onnx.load_model(str(src), load_external_data=False), tmp / INSERTED, external_data=True,
                        base_dir=src.parent)
         else:
@@ -153,18 +149,18 @@ def generate_native(*, inserted_model: str, out_dir: str, loss: str, output: str
         body = {
             "format": FORMAT,
             "engine": ENGINE,
-            "producer": f"beats-compile {__version__}",
+            "producer": f"beats-compile {VERSION}",
             "loss": loss,
             "loss_output": output,
             "ignore_index": ignore_index if loss == "ce" else None,
             "label": {"name": label, "dtype": str(ts.label_dtype), "shape": label_shape},
-            "inputs": [{"name": i.name, "dtype": _dtype_name(i.type.tensor_type.elem_type), "shape": _shape(i)}
+            "inputs": [{"name": i.name, "dtype": dtype_name(i.type.tensor_type.elem_type), "shape": shape(i)}
                        for i in inputs],
             "eval_outputs": [o.name for o in eval_m.graph.output],
-            "output_shape": _shape(out_vi),
+            "output_shape": shape(out_vi),
             "trainable": {"names": trainable, "count": len(trainable), "params": t_params,
-                          "bytes": sum(_tensor_bytes(inits[n]) for n in trainable)},
-            "frozen": {"count": len(frozen), "params": f_params, "bytes": sum(_tensor_bytes(inits[n]) for n in frozen)},
+                          "bytes": sum(tensor_nbytes(inits[n]) or 0 for n in trainable)},
+            "frozen": {"count": len(frozen), "params": f_params, "bytes": sum(tensor_nbytes(inits[n]) or 0 for n in frozen)},
             "state": ts.state,
             "weights": manifest["weights"],
             "optimizer": {"name": optimizer, "lr": lr, "weight_decay": weight_decay,
@@ -175,17 +171,13 @@ def generate_native(*, inserted_model: str, out_dir: str, loss: str, output: str
             "graph": {"train_nodes": len(train_m.graph.node), "eval_nodes": len(eval_m.graph.node),
                       "backward_nodes": ts.backward_nodes, "optimizer_nodes": ts.optimizer_nodes},
             "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                         "beats_compile": __version__},
+                         "beats_compile": VERSION},
             "files": {},
         }
-        if _shape(out_vi) and loss == "ce":
-            last = _shape(out_vi)[-1]
+        if shape(out_vi) and loss == "ce":
+            last = shape(out_vi)[-1]
             body["classes"] = last if isinstance(last, int) else None
-        files = sorted(p.name for p in tmp.iterdir())
-        body["files"] = {f: (tmp / f).stat().st_size for f in files}
-        (tmp / MANIFEST).write_text(json.dumps(body, indent=2) + "\n")
-        files.append(MANIFEST)
-        _publish(tmp, out, files)
+        files = publish(tmp, out, body)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     say({"type": "message", "text": f"wrote {out}"})
@@ -281,12 +273,10 @@ class NativeTrainer:
         return [v.numpy() for v in b.get_outputs()]
 
     def evaluate(self, arrays: dict, n: int, batch: int, drop_last: bool) -> tuple[float, float | None]:
-        from .loop import _batches, score
-
         loss_sum, seen, correct, count = 0.0, 0, 0, 0
         lab = arrays[self.label]
         ignore = self.man.get("ignore_index")
-        for idx in _batches(n, batch, np.arange(n), drop_last):
+        for idx in batches(n, batch, np.arange(n), drop_last):
             feeds = {k: arrays[k][idx] for k in self.model_inputs + [self.label]}
             loss, logits = self._eval_run(feeds)[:2]
             loss_sum += float(loss) * len(idx)
@@ -317,12 +307,10 @@ class NativeTrainer:
         return {n: self.bufs[self.cur][n].numpy().copy() for n in self.persistent}
 
     def save(self, path: Path, epoch: int) -> None:
-        from .loop import _atomic_npz
-
         body = self.state()
         body["__step__"] = np.asarray(self.step_count, np.int64)
         body["__epoch__"] = np.asarray(epoch, np.int64)
-        _atomic_npz(path, body)
+        atomic_npz(path, body)
 
     def load(self, path: Path) -> int:
         with np.load(path, allow_pickle=False) as z:

@@ -14,7 +14,7 @@ newer; opset > 21 taken down to 21 by onnx's version converter (a model
 already at <= 21 is never converted); a missing loss-output shape filled in
 from shape inference; LayerNormalization given Mean/InvStdDev outputs, a
 zero bias and private copies of shared (frozen) scale/bias tensors
-(``passes.training_legalize``).
+(the passes ``add_layernorm_stat_outputs``, ``add_layernorm_bias``, ``untie_layernorm_params``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from onnx import TensorProto, helper
 
 from passes import AddLayerNormBias, AddLayerNormStatOutputs, UntieLayerNormParams, to_graph, to_model
 from passes.convert import quiet
+from passes.tensors import tensor_nbytes
 
-from ..validate import tensor_nbytes
 from . import gradients as G
 
 ORT_TRAINING = "ONNX Runtime training 1.19.2"

@@ -22,23 +22,13 @@ import threading
 import traceback
 from typing import Any, Callable
 
-from ..errors import BeatsError, InputError, VerificationError
-from .env import REPO_ROOT
+from ..errors import BeatsError, InputError, InternalError, VerificationError
+from .artifacts import generate_here
+from .env import HOWTO, REPO_ROOT
+from .loop import train_here
 
 ProgressFn = Callable[[dict], None]
-
-
-class TrainingInternalError(BeatsError):
-    """The training worker failed unexpectedly (a bug, or ORT training crashed)."""
-
-    exit_code = 3
-
-
-def _ops() -> dict[str, Callable[..., dict]]:
-    from .artifacts import generate_here
-    from .loop import train_here
-
-    return {"artifacts": generate_here, "train": train_here}
+OPS: dict[str, Callable[..., dict]] = {"artifacts": generate_here, "train": train_here}
 
 
 def call(python: str, op: str, args: dict, progress: ProgressFn | None = None) -> dict:
@@ -85,10 +75,8 @@ def call(python: str, op: str, args: dict, progress: ProgressFn | None = None) -
     if outcome is None:
         detail = next((ln for ln in reversed(tail) if ln.strip()), "no output")
         if "ModuleNotFoundError" in detail or "ImportError" in detail:  # not a training environment
-            from .env import HOWTO
-
             raise InputError(f"the training Python {python} cannot run the worker ({detail.strip()}); {HOWTO}")
-        raise TrainingInternalError(f"the training worker ({python}) exited with code {rc} without a result: {detail}")
+        raise InternalError(f"the training worker ({python}) exited with code {rc} without a result: {detail}")
     if outcome["event"] == "result":
         return outcome["data"]
     code, message = int(outcome.get("exit_code", 3)), str(outcome.get("message", "unknown error"))
@@ -96,7 +84,7 @@ def call(python: str, op: str, args: dict, progress: ProgressFn | None = None) -
         raise InputError(message)
     if code == VerificationError.exit_code:
         raise VerificationError(message)
-    err = TrainingInternalError(message)
+    err = InternalError(message)
     err.worker_traceback = outcome.get("traceback")  # type: ignore[attr-defined]
     raise err
 
@@ -114,7 +102,7 @@ def main() -> int:
 
     try:
         req = json.loads(sys.stdin.read())
-        op = _ops()[req["op"]]
+        op = OPS[req["op"]]
         result = op(**req["args"], progress=lambda ev: emit({"event": "progress", "data": ev}))
         emit({"event": "result", "data": result})
     except BeatsError as exc:

@@ -1,8 +1,8 @@
 """Fusion passes: one rewrite per file."""
 
-from .conv_affine import FuseConvAffine
-from .conv_bn import FuseConvBatchNorm
-from .matmul_add import FuseMatMulAdd
-from .transpose_gemm import FuseTransposedGemm
+from .fuse_conv_affine import FuseConvAffine
+from .fuse_conv_batchnorm import FuseConvBatchNorm
+from .fuse_matmul_add import FuseMatMulAdd
+from .fuse_transposed_gemm import FuseTransposedGemm
 
 __all__ = ["FuseConvAffine", "FuseConvBatchNorm", "FuseMatMulAdd", "FuseTransposedGemm"]

@@ -19,6 +19,8 @@ import onnx_graphsurgeon as gs
 from ..graph import NameScope, const_value, is_const
 from ..shapes import Dim, TypeMap
 
+__all__ = ["GradContext", "GradientError", "Tensor"]
+
 Tensor = gs.Tensor
 
 

@@ -17,8 +17,7 @@ from beats_compiler import bisect as bs
 from beats_compiler import reparam
 from beats_compiler.cli import EXIT_OK, EXIT_VERIFY, main
 from passes import reparam as rp
-from passes.constant_folding import FoldConstants
-from passes.fusions.matmul_add import FuseMatMulAdd
+from passes import FoldConstants, FuseMatMulAdd
 
 H = helper.make_node
 

@@ -18,7 +18,7 @@ from passes import reparam as rp
 from passes.graph import is_computed_ref
 from tests.compiler.test_io import Crash, crash_writes_under, listing
 from tests.compiler.test_reparam_cli import ok, run_main, sha
-from tests.passes.test_reparam import mlp, trained_values, weight_bytes, with_values
+from tests.compiler.test_reparam import mlp, trained_values, weight_bytes, with_values
 
 WEIGHTS = {"l1.weight", "head.weight"}
 
@@ -138,7 +138,7 @@ def test_computed_tensors_need_their_data_folder(tmp_path):
 @pytest.mark.skipif(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16).itemsize != 2,
                     reason="onnx < 1.18 sizes bfloat16 as float32: external bf16 data is refused on load")
 def test_streamed_fold_bf16_weight(tmp_path, small_blocks):
-    from tests.passes.test_reparam_bf16 import _bf16_model
+    from tests.compiler.test_reparam_bf16 import _bf16_model
 
     res = api.insert(_bf16_model(), rp.Policy((rp.Rule(factorization="rank:4", min_size=16),)), verify=False)
     src = tmp_path / "in" / "bf16.onnx"

@@ -269,7 +269,7 @@ def test_report_and_cli_say_how_inputs_were_made(tmp_path):
 
 
 def test_npu_random_calibration_uses_the_generator():
-    from beats_compiler import npu
+    from beats_compiler.targets import qnn as npu
 
     m = kv_model()
     samples = npu.random_samples(m, {"x": [1, 2, 3, 4], "past": [1, 2, 2, 4], "mask": [2, 5]}, 3, seed=0)
@@ -290,7 +290,7 @@ def _gpt2_with_past():
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.cache_utils import DynamicCache
 
-    from tests.models_real import torchscript_export
+    from fixtures.exporters import torchscript_export
 
     torch.manual_seed(0)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
@@ -335,7 +335,7 @@ def test_gpt2_with_past_key_values_verifies_without_inputs():
 
 @pytest.mark.slow
 def test_bert_with_attention_mask_verifies_with_finite_outputs():
-    from tests.models_real import export_tiny_bert
+    from fixtures.real_models import export_tiny_bert
 
     m = export_tiny_bert()
     r = beats_compiler.compile(m, measure_latency=False)

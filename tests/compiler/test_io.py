@@ -208,6 +208,21 @@ def test_save_external_when_requested(tmp_path):
     np.testing.assert_array_equal(run(back, feeds)[0], run(m, feeds)[0])
 
 
+def test_save_external_keeps_string_tensors_inline(tmp_path):
+    """Strings cannot be stored externally: a large string initializer stays in
+    the model file (it used to be written as object pointers, unloadable)."""
+    m = weighty_model()
+    m.graph.initializer.append(helper.make_tensor("vocab", onnx.TensorProto.STRING, [200], [b"token"] * 200))
+    m.graph.node.append(H("Identity", ["vocab"], ["v"]))
+    m.graph.output.append(helper.make_tensor_value_info("v", onnx.TensorProto.STRING, [200]))
+    save_model(m, tmp_path / "out.onnx", external_data=True)
+    raw = onnx.load_model(str(tmp_path / "out.onnx"), load_external_data=False)
+    vocab = next(t for t in raw.graph.initializer if t.name == "vocab")
+    assert not external_data_helper.uses_external_data(vocab) and list(vocab.string_data) == [b"token"] * 200
+    assert external_data_helper.uses_external_data(next(t for t in raw.graph.initializer if t.name == "w"))
+    load_model(tmp_path / "out.onnx")
+
+
 def test_save_external_automatic_over_protobuf_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(bio, "PROTOBUF_LIMIT", 4096)  # stand-in for 2 GB
     save_model(weighty_model(), tmp_path / "out.onnx")

@@ -20,7 +20,7 @@ from beats_compiler import reparam as api
 from beats_compiler.cli import main
 from tests.compiler.test_cli import assert_one_line_error, cli, listing
 from tests.helpers import assert_same_on_ort
-from tests.passes.test_reparam import mlp, node_bytes, records, trained_values, weight_bytes, weights, with_values
+from tests.compiler.test_reparam import mlp, node_bytes, records, trained_values, weight_bytes, weights, with_values
 
 FEEDS = mlp().feeds
 FP32 = dict(rtol=1e-4, atol=1e-5)

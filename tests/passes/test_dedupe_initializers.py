@@ -1,9 +1,12 @@
-"""dedupe_initializers: identical constants become one."""
+"""dedupe_initializers: identical constants become one.  It looks at the first
+64 KiB first (read from the file for external data) and hashes in full only
+what still matches: same result."""
 
 import numpy as np
-from onnx import TensorProto, helper
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
-from passes import DedupeInitializers
+from passes import DedupeInitializers, to_graph, to_model
 from tests.helpers import apply, assert_same_on_ort, f32, init_names, make_model, ops, vi
 
 H = helper.make_node
@@ -61,3 +64,42 @@ def test_graph_output_initializer_names_kept():
     out, _ = dedupe(m)
     assert [o.name for o in out.graph.output] == ["y", "z"]
     assert ops(out) == ["Add", "Identity"]
+
+
+def _probe_model():
+    a = np.random.default_rng(0).standard_normal((64, 1024)).astype(np.float32)  # 256 KiB
+    late = a.copy()
+    late[-1, -1] += 1.0  # same first 64 KiB, different bytes later
+    early = a.copy()
+    early[0, 0] += 1.0
+    inits = {"a": a, "same": a.copy(), "late": late, "early": early}
+    nodes = [helper.make_node("Add", ["x", k], [f"y_{k}"]) for k in inits]
+    g = helper.make_graph(nodes, "g", [vi("x", [64, 1024])], [vi(f"y_{k}", [64, 1024]) for k in inits],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _check_probe(out, m):
+    used = {n.input[1] for n in out.graph.node}
+    assert used == {"a", "late", "early"}  # "same" merged into "a"; "late" and "early" kept
+    assert_same_on_ort(m, out, {"x": np.ones((64, 1024), np.float32)}, rtol=0, atol=0)
+
+
+def test_probe_in_memory():
+    m = _probe_model()
+    g, env = to_graph(m)
+    res = DedupeInitializers()(g)
+    assert res.stats["merged"] == 1
+    _check_probe(to_model(g, env), m)
+
+
+def test_probe_external_data(tmp_path):
+    m = _probe_model()
+    onnx.save(_probe_model(), tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    g, env = to_graph(lazy, tmp_path)
+    res = DedupeInitializers()(g)
+    assert res.stats["merged"] == 1
+    # the export keeps the references into m.data, beside which it is saved
+    onnx.save(to_model(g, env), tmp_path / "out.onnx")
+    _check_probe(onnx.load(tmp_path / "out.onnx"), m)

@@ -2,7 +2,6 @@
 
 from onnx import TensorProto, helper
 
-from beats_compiler.targets import TARGETS
 from passes import EliminateSchemaTypedCasts
 from tests.helpers import apply, assert_same_on_ort, f32, make_model, ops, vi
 
@@ -48,7 +47,3 @@ def test_ml_svm_probabilities_cast_removed():
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)])
     out, res = run(m, {"x": f32(3, 2)})
     assert ops(out) == ["SVMClassifier"] and [o.name for o in out.graph.output] == ["label", "probabilities"]
-
-
-def test_in_cpu_pipeline():
-    assert "eliminate_schema_typed_casts" in TARGETS["cpu"].passes

@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from passes import FoldConstants
-from passes.constant_folding import reference_evaluator
+from passes.fold_constants import reference_evaluator
 from tests.helpers import apply, assert_same_on_ort, f32, init_names, make_model, ops, vi
 
 H = helper.make_node
@@ -234,3 +234,19 @@ def test_small_constant_of_shape_folded():
                     H("Mul", ["x", "c"], ["y"])], [vi("x", [2, 3])], [vi("y", [2, 3])], {"shape": I64(2, 3)})
     out, res = fold(m)
     assert ops(out) == ["Mul"] and res.stats["op_ConstantOfShape"] == 1
+
+
+def test_not_idempotent_a_fold_skipped_for_growth_fits_once_a_sibling_is_folded():
+    # Tile(c) would add 5 MiB while c (1 MiB) has another reader: over the 4 MiB growth
+    # limit.  Neg(c), after it in the graph, folds; on the next run c's bytes are freed.
+    c = np.ones((256, 1024), np.float32)
+    m = make_model([H("Tile", ["c", "r"], ["t"]), H("Neg", ["c"], ["n"]), H("Add", ["x", "n"], ["y1"]),
+                    H("ReduceSum", ["t"], ["s"], keepdims=0), H("Add", ["y1", "s"], ["y"])],
+                   [vi("x", [256, 1024])], [vi("y", [256, 1024])], {"c": c, "r": np.array([5, 1], np.int64)})
+    once, (first,) = apply(m, FoldConstants())
+    assert first.stats["op_Neg"] == 1 and first.stats["skipped_growth_limit"] == 1
+    twice, (second,) = apply(once, FoldConstants())
+    assert second.modified and second.stats["op_Tile"] == 1
+    assert not FoldConstants.idempotent
+    assert_same_on_ort(m, twice, {"x": f32(256, 1024)})
+

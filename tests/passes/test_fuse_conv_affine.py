@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from beats_compiler.targets import TARGETS
 from passes import EliminateDeadCode
 from passes.fusions import FuseConvAffine
 from tests.helpers import apply, assert_same_on_ort, f32, make_model, ops, vi
@@ -65,7 +64,3 @@ def test_shared_weight_not_fused():
                    {"w": f32(4, 3, 3, 3), "s": f32(4, 1, 1)})
     out, res = apply(m, FuseConvAffine())
     assert not res[0].modified
-
-
-def test_in_cpu_pipeline():
-    assert "fuse_conv_affine" in TARGETS["cpu"].passes

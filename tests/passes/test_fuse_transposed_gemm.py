@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from beats_compiler.targets import TARGETS
 from passes import EliminateDeadCode
 from passes.fusions import FuseTransposedGemm
 from tests.helpers import (
@@ -125,8 +124,3 @@ def test_bias_of_wrong_shape_kept_as_add():
 def test_old_opset_skipped():
     out, res = fuse(linear([3, K], bias=f32(N), opset=9))
     assert not res.modified
-
-
-def test_in_cpu_pipeline_before_folding():
-    names = TARGETS["cpu"].passes
-    assert names.index("fuse_transposed_gemm") < names.index("fold_constants")

@@ -159,14 +159,53 @@ def test_one_instance_runs_on_many_graphs():
         assert rep.rounds == 3
 
 
-def test_every_builtin_pass_is_named_and_stateless_across_graphs():
-    from beats_compiler.targets import PASSES, PipelineOptions
+class Twice(Pass):
+    """Modifies the graph on its first two calls per graph: a second run right
+    after a modifying one modifies again (not idempotent)."""
 
-    names = set()
-    for key, make in PASSES.items():
-        p = make(PipelineOptions())
-        assert p.name == key and p.idempotent
-        names.add(p.name)
-        g1, g2 = graph(), graph()
-        assert p(g1) == p(g2)
-    assert len(names) == len(PASSES)
+    name = "twice"
+
+    def call(self, graph):
+        left = graph.__dict__.setdefault("_twice", 2)
+        graph._twice = max(left - 1, 0)
+        return PassResult(left > 0, {"changed": int(left > 0)})
+
+
+class HonestTwice(Twice):
+    name = "honest_twice"
+    idempotent = False
+
+
+class Once(Pass):
+    """Modifies the graph on its first call per graph only."""
+
+    name = "once"
+
+    def call(self, graph):
+        first = not graph.__dict__.get("_once")
+        graph._once = True
+        return PassResult(first, {"changed": int(first)})
+
+
+def test_idempotence_checked_on_request():
+    with pytest.raises(PassError) as e:
+        PassManager([Never(), Twice()], check_idempotent=True).run(graph())
+    assert e.value.pass_name == "twice" and e.value.ran_before == ["never"]
+    assert "twice is declared idempotent but modified the graph again" in str(e.value)
+
+
+def test_idempotence_not_checked_by_default():
+    rep = PassManager([Twice()]).run(graph())
+    assert rep.converged and [r.modified for r in rep.records] == [True, True, False]
+
+
+def test_idempotence_not_checked_for_passes_declared_otherwise():
+    rep = PassManager([HonestTwice()], check_idempotent=True).run(graph())
+    assert rep.converged and [r.modified for r in rep.records] == [True, True, False]
+
+
+def test_idempotent_pass_passes_the_check_and_records_one_run():
+    p = Once()
+    rep = PassManager([p], check_idempotent=True).run(graph())
+    assert rep.converged and rep.rounds == 2
+    assert [(r.round, r.modified, r.stats) for r in rep.records] == [(1, True, {"changed": 1}), (2, False, {"changed": 0})]

@@ -6,7 +6,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.npu_prep import UpcastFloat16
+from passes import UpcastFloat16
 from tests.helpers import apply, vi
 
 H = helper.make_node

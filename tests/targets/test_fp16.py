@@ -1,5 +1,6 @@
 """gpu target: fp16 with I/O types kept, the block list in fp32, redundant
-Cast pairs removed, numerics within the fp16 tolerance on ORT's CPU provider."""
+Cast pairs removed (the pass itself: tests/passes/test_remove_redundant_casts.py),
+numerics within the fp16 tolerance on ORT's CPU provider."""
 
 import json
 
@@ -10,11 +11,10 @@ from onnx import TensorProto
 
 import beats_compiler as bc
 from beats_compiler.cli import main
-from beats_compiler.targets import FP16_BLOCK_LIST, TARGETS
-from passes import to_graph, to_model
-from passes.fp16 import RemoveRedundantCasts
-from tests.helpers import assert_same_on_ort, run
-from tests.targets.models import cast_chain, classifier, mixed_io
+from beats_compiler.targets import TARGETS
+from beats_compiler.targets.gpu import FP16_BLOCK_LIST
+from tests.helpers import assert_same_on_ort
+from tests.targets.models import classifier, mixed_io
 
 
 def _types(model):
@@ -23,31 +23,6 @@ def _types(model):
     out = {v.name: v.type.tensor_type.elem_type for v in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info)}
     out.update({t.name: t.data_type for t in m.graph.initializer})
     return out
-
-
-def _apply(model, p):
-    g, env = to_graph(model)
-    res = p(g)
-    return res, to_model(g, env)
-
-
-def test_lossless_pair_removed_and_exact():
-    m = cast_chain(TensorProto.FLOAT16, TensorProto.FLOAT)
-    res, out = _apply(m, RemoveRedundantCasts())
-    assert res.stats == {"lossless_pair": 1}
-    assert [n.op_type for n in out.graph.node if n.op_type != "Cast"] == ["Neg"]
-    assert sum(n.op_type == "Cast" for n in out.graph.node) <= 1  # the first Cast is dead (DCE removes it)
-    assert_same_on_ort(m, out, rtol=0, atol=0)
-
-
-def test_lossy_pair_kept_unless_new_and_allowed():
-    m = cast_chain(TensorProto.FLOAT, TensorProto.FLOAT16)
-    assert not _apply(m, RemoveRedundantCasts())[0].modified  # default: never changes values
-    assert not _apply(m, RemoveRedundantCasts(frozenset({"c1"}), allow_precision_gain=True))[0].modified
-    res, out = _apply(m, RemoveRedundantCasts(frozenset(), allow_precision_gain=True))
-    assert res.stats == {"lossy_pair": 1}
-    x = {"x": np.array([1.0001, 2.0, -3.3333, 65504.5], np.float32)}
-    np.testing.assert_array_equal(run(out, x)[0], -x["x"])  # the fp16 rounding is gone
 
 
 def test_gpu_keeps_io_types_and_blocks_ops():

@@ -98,7 +98,7 @@ def test_precompile_writes_a_context_model_that_runs(files, tmp_path):
     assert ctx.is_file() and out.is_file()
     m = onnx.load(ctx)
     assert any(n.op_type == "EPContext" for n in m.graph.node)
-    from beats_compiler import npu
+    from beats_compiler.targets import qnn as npu
 
     x = np.random.default_rng(9).standard_normal((1, 3, 16, 16)).astype(np.float32)
     got = npu.run_context_model(ctx.read_bytes(), {"x": x})[0]

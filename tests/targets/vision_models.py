@@ -13,17 +13,11 @@ import io
 
 def _init(model, seed: int):
     import torch
-    from torch import nn
+
+    from fixtures.real_models import randomize_batchnorm
 
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
+    return randomize_batchnorm(model, mean=(-0.2, 0.2))
 
 
 def resnet18(num_classes: int = 1000):
@@ -130,7 +124,7 @@ def export(model, size: int = 224):
     import onnx
     import torch
 
-    from tests.models_real import torchscript_export
+    from fixtures.exporters import torchscript_export
 
     buf = io.BytesIO()
     torchscript_export(model, (torch.zeros(1, 3, size, size),), buf, ["image"], ["logits"],

@@ -416,7 +416,7 @@ def real_inserted():
         "the training interpreter itself",
     )
     from passes import reparam as rp
-    from tests import models_real as mr
+    from fixtures import real_models as mr
 
     bert = mr.export_tiny_bert()
     buf = io.BytesIO()
@@ -508,7 +508,7 @@ def test_t5_tied_norm_weights_generate_ort_artifacts(tmp_path):
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from tests.models_real import torchscript_export
+    from fixtures.exporters import torchscript_export
 
     if not TRAIN_PY.is_file():
         pytest.fail(f"the training environment {TRAIN_PY} is missing: run ./scripts/ort-training-env.sh")

@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import onnx_graphsurgeon as gs
 
+__all__ = ["Rule", "RuleFn"]
+
 RuleFn = Callable[..., Sequence[gs.Tensor | None]]
 
 

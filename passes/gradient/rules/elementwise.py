@@ -13,6 +13,8 @@ import numpy as np
 from ..context import GradientError
 from .base import Rule
 
+__all__ = ["RULES"]
+
 
 def _add(g, node, gys):
     gy = gys[0]

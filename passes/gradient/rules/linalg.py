@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from .base import Rule
 
+__all__ = ["RULES"]
+
 
 def _swap_last(g, t, rank):
     perm = list(range(rank))

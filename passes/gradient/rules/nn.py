@@ -24,6 +24,8 @@ from onnx import helper
 from ..context import GradientError
 from .base import Rule
 
+__all__ = ["RULES"]
+
 
 # ---------------------------------------------------------------- helpers
 def _where(node):

@@ -18,6 +18,8 @@ from onnx import helper
 from ..context import GradientError
 from .base import Rule
 
+__all__ = ["RULES"]
+
 
 def _where(node) -> str:
     return f"{node.op} node {node.name!r}"

@@ -12,6 +12,8 @@ import math
 from ..context import GradientError
 from .base import Rule
 
+__all__ = ["RULES"]
+
 
 def _axes(g, node) -> list[int] | None:
     """The reduced axes, non-negative and sorted; None for all axes."""

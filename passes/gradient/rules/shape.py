@@ -15,6 +15,8 @@ import onnx_graphsurgeon as gs
 from ..context import GradientError
 from .base import Rule
 
+__all__ = ["BIG", "I64", "RULES"]
+
 I64 = onnx.TensorProto.INT64
 BIG = np.iinfo(np.int64).max  # "to the end" for Slice
 

@@ -1,0 +1,77 @@
+"""Initializers with identical dtype, shape and bytes are merged into one."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from .base import Pass, PassResult
+from .convert import ExternalValues, open_external
+from .graph import const_dtype, const_shape, const_value, is_const, iter_graphs, replace_uses
+from .gs_adapter import lazy_values
+from .tensors import PACKED_4BIT
+
+__all__ = ["DedupeInitializers"]
+
+
+def _local_constants(g: gs.Graph) -> list[gs.Constant]:
+    seen: dict[int, gs.Constant] = {}
+    for node in g.nodes:
+        for t in node.inputs:
+            if is_const(t) and id(t) not in seen:
+                seen[id(t)] = t
+    return list(seen.values())
+
+
+_PROBE_BYTES = 1 << 16
+
+
+def _probe(c: gs.Constant) -> bytes:
+    """The first 64 KiB of the constant's bytes (the dtype and shape are already equal)."""
+    v = lazy_values(c)
+    if isinstance(v, ExternalValues) and v.tensor.data_type not in PACKED_4BIT:
+        f, offset, length = open_external(v.tensor, v.base_dir)
+        with f:
+            f.seek(offset)
+            return f.read(min(_PROBE_BYTES, length))
+    a = np.ascontiguousarray(const_value(c)).reshape(-1).view(np.uint8)
+    return a[:_PROBE_BYTES].tobytes()
+
+
+class DedupeInitializers(Pass):
+    """Initializers with identical dtype, shape and bytes are merged into one."""
+
+    name = "dedupe_initializers"
+
+    def call(self, graph: gs.Graph) -> PassResult:
+        stats = {"merged": 0, "bytes_saved": 0}
+        for g in iter_graphs(graph):
+            groups: dict[tuple, list[gs.Constant]] = {}
+            for c in _local_constants(g):
+                dt = const_dtype(c)
+                if dt is None or dt == object:
+                    continue
+                groups.setdefault((dt.str, const_shape(c)), []).append(c)
+            for same_shape in groups.values():
+                if len(same_shape) < 2:
+                    continue
+                # A cheap first look (the first 64 KiB, read from the file for external data) splits
+                # the group; only tensors that still share it are read and hashed in full.
+                probes: dict[bytes, list[gs.Constant]] = {}
+                for c in same_shape:
+                    probes.setdefault(_probe(c), []).append(c)
+                same_shape = [c for cs in probes.values() if len(cs) > 1 for c in cs]
+                canon: dict[bytes, gs.Constant] = {}
+                for c in same_shape:
+                    v = np.ascontiguousarray(const_value(c))
+                    digest = hashlib.blake2b(v.reshape(-1).view(np.uint8), digest_size=20).digest()
+                    first = canon.get(digest)
+                    if first is None:
+                        canon[digest] = c
+                    elif np.array_equal(const_value(first), v, equal_nan=v.dtype.kind in "fc"):
+                        replace_uses(c, first)
+                        stats["merged"] += 1
+                        stats["bytes_saved"] += int(v.nbytes)
+        return PassResult(stats["merged"] > 0, stats)
