@@ -22,11 +22,13 @@ from passes import Envelope, PassError, PassManager, to_graph, to_model
 from passes.convert import quiet, uses_external_refs
 from passes.graph import is_sorted
 
+from . import bisect as culprits  # (``bisect`` is also a flag of transform)
 from .errors import BeatsError, InputError, InternalError
 from .io import LoadedModel, check_model, load_model, serialized_size
 from .options import CompileOptions, PassOptions, Progress, TargetOptions, VerifyOptions
 from .report import CompileReport, ModelStats
-from .targets import PipelineOptions, TargetProfile, build_passes, check_disabled, check_flags, get_target, target_module
+from .targets import (PipelineOptions, TargetProfile, build_passes, check_disabled, check_flags, get_target,
+                      target_module)
 from .targets.lowering import Lowering
 from .validate import Limits, UnsortedGraph, check_verify_inputs, sort_nodes, validate_model
 from .verify import Verification
@@ -204,23 +206,21 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
 def _find_culprit(command, original, loaded, done: Edit, result, inputs, rtol, atol, *, failed: bool) -> dict:
     """``report.culprit``: re-run the edit pass by pass against the reference
     verification used, on the same inputs (``beats_compiler.bisect``)."""
-    from . import bisect as bs
-
     base_dir = loaded.base_dir if loaded is not None else None
     try:
         if done.reference is not None:
             ref_model, path = done.reference, None
         else:
             ref_model, path = original, (loaded.path if loaded is not None else None)
-        ref = bs.Reference(None if path is not None else ref_model, path, inputs=inputs, analysis_model=ref_model,
+        ref = culprits.Reference(None if path is not None else ref_model, path, inputs=inputs, analysis_model=ref_model,
                            base_dir=base_dir)
         if done.pipeline is not None:
             pipe = dataclasses.replace(done.pipeline, base_dir=base_dir)
-            return bs.find([pipe.run], original, ref, rtol=rtol, atol=atol, failed=failed, base_dir=base_dir)
-        return bs.single_step(command, ref_model, result, ref, rtol=rtol, atol=atol, failed=failed,
+            return culprits.find([pipe.run], original, ref, rtol=rtol, atol=atol, failed=failed, base_dir=base_dir)
+        return culprits.single_step(command, ref_model, result, ref, rtol=rtol, atol=atol, failed=failed,
                               base_dir=base_dir)
     except Exception as exc:  # noqa: BLE001 - the search must not hide the verification result
-        return bs.failed_search(exc)
+        return culprits.failed_search(exc)
 
 
 def _limit_warnings(records, options: PipelineOptions) -> list[str]:
@@ -246,7 +246,8 @@ def _pass_options(options: PassOptions) -> PipelineOptions:
     return PipelineOptions(**knobs)
 
 
-def compile(model, options: CompileOptions = CompileOptions(), progress: Progress | None = None) -> CompileResult:  # noqa: A001
+def compile(model, options: CompileOptions = CompileOptions(),  # noqa: A001 - the product's verb
+            progress: Progress | None = None) -> CompileResult:
     """Optimize ``model`` for ``options.target``: the target's passes, then its
     lowering (``prepare`` before the passes, ``lower`` after them) when it has
     one, verified unless ``options.verify.enabled`` is False."""
@@ -264,15 +265,13 @@ def compile(model, options: CompileOptions = CompileOptions(), progress: Progres
         raise InputError(f"target {profile.name}: models with external data are not supported yet")
     check_flags(profile, given)
     target = target_module(profile)
-    ctx = Lowering(original, loaded, profile, options, say, t0, disabled=check_disabled(profile, options.passes.disable),
-                   pass_options=_pass_options(options.passes))
+    ctx = Lowering(original, loaded, profile, options, say, t0,
+                   disabled=check_disabled(profile, options.passes.disable), pass_options=_pass_options(options.passes))
     target.prepare(ctx)
     base = _optimize(loaded if loaded is not None else original, profile, ctx.pass_options, options, progress,
                      verify=VerifyOptions(enabled=False, measure_latency=False), bisect=False)
     result = target.lower(base, ctx)
-    from . import bisect as bs
-
-    return bs.for_lowered(result, ctx)
+    return culprits.for_lowered(result, ctx)
 
 
 def _optimize(model, profile: TargetProfile, pass_options: PipelineOptions, options: CompileOptions, progress,
@@ -304,11 +303,9 @@ def _optimize(model, profile: TargetProfile, pass_options: PipelineOptions, opti
             if isinstance(exc.cause, ValueError) and exc.pass_name == "fix_input_shapes":
                 raise InputError(str(exc.cause)) from None
             raise InternalError(str(exc)) from exc
-        from .bisect import Pipeline
-
         return Edit(records=run.records, rounds=run.rounds, converged=run.converged,
                     warnings=_limit_warnings(run.records, pass_options),
-                    pipeline=Pipeline(lambda: build_passes(profile.passes, pass_options), frozenset(manager.disabled),
-                                      po.max_rounds))
+                    pipeline=culprits.Pipeline(lambda: build_passes(profile.passes, pass_options),
+                                               frozenset(manager.disabled), po.max_rounds))
 
     return transform(model, "compile", optimize, target=profile.name, verify=verify, progress=progress, bisect=bisect)

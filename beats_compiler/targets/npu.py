@@ -5,6 +5,7 @@ accuracy (cosine similarity) measured on the HTP backend (``targets.qnn``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from . import legality as legal
 from . import qnn
 from .cpu import CPU_PASSES
 from .lowering import Lowering, ModelPass, ModelPassResult, apply_strict, check, update_after
-from .profile import PipelineOptions, TargetProfile
+from .profile import TargetProfile
 
 # ONNX ops the QNN execution provider lists as supported (onnxruntime-qnn 2.7
 # docs, "Supported ONNX operators"); the HTP backend's real verdict per node
@@ -170,8 +171,7 @@ def prepare(ctx: Lowering) -> None:
                          "--activation-type float16 quantizes nothing")
     shapes, data = resolve_npu_inputs(ctx.original, t.input_shapes, t.calib, v.inputs)
     ctx.state["data"] = data
-    ctx.pass_options = PipelineOptions(input_shapes=tuple(shapes.items()), fold_size_limit=ctx.pass_options.fold_size_limit,
-                                       fold_memory_limit=ctx.pass_options.fold_memory_limit)
+    ctx.pass_options = dataclasses.replace(ctx.pass_options, input_shapes=tuple(shapes.items()))
 
 
 def lower(base, ctx: Lowering):
