@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="beats-compile",
         description="Optimize an ONNX model for a target and prove on ONNX Runtime that it computes the same function. "
                     "Subcommands: `beats-compile insert|fold|unfold MODEL ...` (see `beats-compile insert --help`), "
-                    "`beats-compile artifacts|train ...` (training D/V on ONNX Runtime).",
+                    "`beats-compile artifacts|train ...` (training D/V on ONNX Runtime), "
+                    "`beats-compile adapter-base|export-adapter ...` (one base, many ONNX Runtime adapters).",
         epilog="Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error.",
     )
     _common(p, "<stem>.beats.onnx")
@@ -120,6 +121,7 @@ def _input_shape(text: str) -> tuple[str, list[int]]:
 
 SUBCOMMANDS = ("insert", "fold", "unfold")
 TRAINING_SUBCOMMANDS = ("artifacts", "train")
+ADAPTER_SUBCOMMANDS = ("adapter-base", "export-adapter")
 
 
 def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
@@ -155,6 +157,47 @@ def build_reparam_parser(cmd: str) -> argparse.ArgumentParser:
     return p
 
 
+def build_adapter_parser(cmd: str) -> argparse.ArgumentParser:
+    from .targets import TARGETS
+
+    epilog = "Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error."
+    if cmd == "adapter-base":
+        p = Parser(prog="beats-compile adapter-base", epilog=epilog,
+                   description="Make the adapter base of an inserted model: every D/V (A/B) becomes a graph input "
+                               "with a default that adds nothing (V = 0, or A/B of rank 0), so the base alone is the "
+                               "original model and ONNX Runtime adapters (export-adapter) switch fine-tunes per run. "
+                               "Optimized by the target's pipeline and verified against the original.")
+        p.add_argument("model", metavar="INSERTED.onnx", help="a model made by `beats-compile insert` (never modified)")
+        p.add_argument("-o", "--output", help="output path (default: <stem>.base.onnx beside the input)")
+        p.add_argument("--target", default="cpu", choices=sorted(TARGETS),
+                       help="deployment target (default: cpu; gpu and npu cannot take adapters and say why)")
+        p.add_argument("--inputs", metavar="X.npz", help="verify with these inputs instead of generated ones")
+        p.add_argument("--rtol", type=positive_float, help="relative tolerance of verification (default: the target's)")
+        p.add_argument("--atol", type=positive_float, help="absolute tolerance of verification (default: the target's)")
+        p.add_argument("--external-data", action="store_true",
+                       help="write weights to <output>.data (automatic over 2 GB or when the input used external data)")
+        p.add_argument("--max-nodes", type=_count, default=None, metavar="N",
+                       help="refuse models with more than N nodes in all graphs (default 1000000)")
+        p.add_argument("--max-depth", type=_count, default=None, metavar="N",
+                       help="refuse models whose subgraphs nest more than N deep (default 16)")
+    else:
+        p = Parser(prog="beats-compile export-adapter", epilog=epilog,
+                   description="Write trained D/V (an adapter .npz from `beats-compile train`) as an ONNX Runtime "
+                               ".onnx_adapter for an adapter base, after checking that it fits the base and that the "
+                               "base with the adapter active equals the folded model (max abs diff <= 1e-4).")
+        p.add_argument("model", metavar="ADAPTER.npz", help="the adapter (D/V plus records; never modified)")
+        p.add_argument("--base", required=True, metavar="BASE.onnx",
+                       help="the adapter base (`beats-compile adapter-base`)")
+        p.add_argument("-o", "--output", help="output path (default: <adapter stem>.onnx_adapter beside the adapter)")
+        p.add_argument("--inputs", metavar="X.npz", help="verify with these inputs instead of generated ones")
+    p.add_argument("--report", metavar="REPORT.json", help="write the JSON report here (for CI)")
+    p.add_argument("--no-verify", action="store_true", help="skip verification on ONNX Runtime")
+    p.add_argument("--no-latency", action="store_true", help="verify, but skip the latency measurement (up to 2 s)")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    return p
+
+
 def _fmt(v, spec: str = "") -> str:
     if v is None:
         return "-"
@@ -180,7 +223,7 @@ def _print_summary(console, report) -> None:
 
     _print_reparam(console, report.reparam)
     changed = [(name, row) for name, row in report.pass_totals().items() if row["modified"]]
-    if report.command != "compile":
+    if report.command not in ("compile", "adapter-base"):
         pass
     elif changed:
         pt = Table(title="passes that changed the graph")
@@ -271,6 +314,12 @@ def _print_reparam(console, info: dict | None) -> None:
                       f"{max(f['max_abs_delta'] for f in info['folded']):.3g}")
     if info.get("unfolded"):
         console.print(f"re-inserted D/V for {len(info['unfolded'])} weight(s)")
+    if info.get("adapter_parameters"):
+        ranks = f", rank {'/'.join(map(str, info['ranks']))}" if info.get("ranks") else ""
+        console.print(f"adapter parameters: {info['adapter_parameters']} graph inputs for {info['adapter_weights']} "
+                      f"weight(s) ({', '.join(info['factorizations'])}{ranks}, {', '.join(info['layouts'])} layout); "
+                      f"one adapter: {human(info['adapter_bytes'])}; "
+                      f"defaults in the base: {human(info['default_bytes'])}")
 
 
 def _prepare(args: argparse.Namespace, default_suffix: str):
@@ -473,6 +522,74 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
     return _finish(args, console, result, out, report_path, external)
 
 
+def run_adapter(cmd: str, args: argparse.Namespace, console) -> int:
+    """``adapter-base`` and ``export-adapter`` (``beats_compiler.adapters``)."""
+    from . import adapters
+    from .errors import InputError
+    from .io import atomic_write_bytes
+    from .verify import load_inputs
+
+    if cmd == "adapter-base":
+        why = adapters.refusal(args.target)
+        if why:
+            raise InputError(why)
+        loaded, out, report_path, external, inputs = _prepare(args, ".base.onnx")
+        with _Status(console, args.quiet) as progress:
+            result = adapters.make_base(loaded, target=args.target, verify=not args.no_verify, inputs=inputs,
+                                        rtol=args.rtol, atol=args.atol, measure_latency=not args.no_latency,
+                                        progress=progress)
+        return _finish(args, console, result, out, report_path, external)
+    adapter = Path(args.model)
+    stem = adapter.name[:-4] if adapter.name.endswith(".npz") else adapter.name
+    out = Path(args.output) if args.output else adapter.with_name(stem + adapters.ADAPTER_SUFFIX)
+    report_path = Path(args.report) if args.report else None
+    if report_path is not None:
+        taken = {p.resolve() for p in (adapter, Path(args.base), out)}
+        if report_path.resolve() in taken:
+            raise InputError(f"{report_path}: the report cannot share a path with the adapter, the base or the output")
+    inputs = load_inputs(args.inputs) if args.inputs else None
+    with _Status(console, args.quiet) as progress:
+        rep = adapters.export_adapter(adapter, args.base, out, verify=not args.no_verify, inputs=inputs,
+                                      measure_latency=not args.no_latency, progress=progress)
+    if report_path is not None:
+        atomic_write_bytes(report_path, (rep.to_json() + "\n").encode())
+    if not rep.ok:
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False).print(f"beats-compile: {rep.failure_line()}", markup=False,
+                                                    soft_wrap=True)
+    if not args.quiet:
+        _print_export(console, rep)
+    return EXIT_OK if rep.ok else EXIT_VERIFY
+
+
+def _print_export(console, rep) -> None:
+    ranks = f", rank {'/'.join(map(str, rep.ranks))}" if rep.ranks else ""
+    console.print(f"beats-compile export-adapter: {rep.parameters} parameters for {rep.weights} weight(s){ranks}, "
+                  f"{human(rep.bytes)}", markup=False, soft_wrap=True)
+    if rep.verified is None:
+        console.print("[yellow]verification skipped (--no-verify)[/]")
+    elif rep.verified:
+        console.print(f"[green]verified[/] on ONNX Runtime ({rep.verify_input_source} inputs): the base with "
+                      f"the adapter active vs the folded model, max abs diff {rep.max_abs_diff:.3g} "
+                      f"(atol {rep.atol:g})")
+    else:
+        console.print("[red bold]verification FAILED[/]: the base with the adapter active does not match the "
+                      "folded model")
+        for o in rep.outputs:
+            if not o["ok"]:
+                console.print(f"  output {o['name']}: max abs diff {o['max_abs_diff']:.3g} {o['detail']}", markup=False)
+    if rep.latency_ms_folded is not None:
+        console.print(f"latency (median, ORT CPU): folded {rep.latency_ms_folded:.3f} ms, base + adapter "
+                      f"{rep.latency_ms_adapter:.3f} ms")
+    for w in rep.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    if rep.output:
+        console.print(f"wrote {rep.output} ({human(rep.file_bytes)})", markup=False)
+    else:
+        console.print("[red]nothing written: the adapter does not match the folded model[/]")
+
+
 def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
 
@@ -481,14 +598,19 @@ def main(argv: list[str] | None = None) -> int:
         from .training.cli import main as training_main
 
         return training_main(argv)
-    cmd = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    parser = build_reparam_parser(cmd) if cmd else build_parser()
+    cmd = argv[0] if argv and argv[0] in SUBCOMMANDS + ADAPTER_SUBCOMMANDS else None
+    if cmd in ADAPTER_SUBCOMMANDS:
+        parser = build_adapter_parser(cmd)
+    else:
+        parser = build_reparam_parser(cmd) if cmd else build_parser()
     args = parser.parse_args(argv[1:] if cmd else argv)
     console = Console(stderr=False, highlight=False)
     err = Console(stderr=True, highlight=False)
     from .errors import BeatsError
 
     try:
+        if cmd in ADAPTER_SUBCOMMANDS:
+            return run_adapter(cmd, args, console)
         return run_reparam(cmd, args, console) if cmd else run_compile(args, console)
     except BeatsError as exc:
         kind = "internal error" if exc.exit_code == EXIT_INTERNAL else "error"
@@ -526,6 +648,8 @@ def _report_error(args, cmd: str | None, code: int, message: str) -> None:
         taken = {Path(args.model).resolve(), default_output_path(args.model).resolve()}
         if args.output:
             taken.add(Path(args.output).resolve())
+        if getattr(args, "base", None):  # export-adapter
+            taken.add(Path(args.base).resolve())
         if path.resolve() in taken or (path.exists() and not path.is_file()) or not path.parent.is_dir():
             return
         from .io import atomic_write_bytes

@@ -89,8 +89,20 @@ class CompileReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def take_verification(self, ver) -> None:
+        """Copy a ``verify.Verification``'s results into this report."""
+        self.verified = ver.verified
+        self.max_abs_diff = ver.max_abs_diff
+        self.max_rel_diff = ver.max_rel_diff
+        self.outputs = [o.to_dict() for o in ver.outputs]
+        self.verify_inputs = ver.inputs
+        self.verify_input_source = ver.input_source
+        self.verify_inputs_generated = ver.generated
+        self.latency_ms_before = ver.latency_ms_before
+        self.latency_ms_after = ver.latency_ms_after
+
     def to_json(self) -> str:
-        return json.dumps(_finite(self.to_dict()), indent=2, allow_nan=False, default=_jsonable)
+        return json.dumps(finite_json(self.to_dict()), indent=2, allow_nan=False, default=_jsonable)
 
     def failure_line(self) -> str:
         """One line for a failed verification: the worst output and, when
@@ -159,12 +171,12 @@ def _jsonable(o):
     return str(o)
 
 
-def _finite(o):
+def finite_json(o):
     """JSON has no inf/NaN: such a diff (e.g. a shape mismatch) is written as a string."""
     if isinstance(o, float) and not math.isfinite(o):
         return str(o)
     if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
+        return {k: finite_json(v) for k, v in o.items()}
     if isinstance(o, list):
-        return [_finite(v) for v in o]
+        return [finite_json(v) for v in o]
     return o

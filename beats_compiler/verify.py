@@ -270,21 +270,27 @@ def _shapes(feeds) -> dict[str, list[int]]:
     return {k: list(np.shape(v)) for k, v in feeds.items()}
 
 
+def check_inputs_match(names: list[str], inputs: Mapping[str, Any], also=()) -> None:
+    """``InputError`` unless ``inputs`` has exactly the model inputs ``names``
+    (plus, optionally, names in ``also``: overridable initializers)."""
+    missing = [n for n in names if n not in inputs]
+    extra = [n for n in inputs if n not in names and n not in also]
+    if missing or extra:
+        raise InputError(
+            "inputs file does not match the model: "
+            + (f"missing {', '.join(missing)}" if missing else "")
+            + ("; " if missing and extra else "")
+            + (f"unknown {', '.join(extra)}" if extra else "")
+            + f" (model inputs: {', '.join(names)})"
+        )
+
+
 def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, seed,
                      bounds: Mapping[str, int] | None = None, generator: InputGenerator | None = None) -> Verification:
     names = [i.name for i in so.get_inputs()]
     extra_run = None
     if inputs is not None:
-        missing = [n for n in names if n not in inputs]
-        extra = [n for n in inputs if n not in names and n not in _overridable(so)]
-        if missing or extra:
-            raise InputError(
-                "inputs file does not match the model: "
-                + (f"missing {', '.join(missing)}" if missing else "")
-                + ("; " if missing and extra else "")
-                + (f"unknown {', '.join(extra)}" if extra else "")
-                + f" (model inputs: {', '.join(names)})"
-            )
+        check_inputs_match(names, inputs, also=_overridable(so))
         feeds = dict(inputs)
         try:
             expected = so.run(None, feeds)

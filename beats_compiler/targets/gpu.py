@@ -230,15 +230,7 @@ def lower(base, ctx: Lowering):
                                # ORT's CPU-only optimization level (NCHWc, layout) is not what a GPU runs,
                                # and it segfaults on some fp16 graphs (a TorchScript ViT)
                                optimize="extended")
-        report.verified = ver.verified
-        report.max_abs_diff = ver.max_abs_diff
-        report.max_rel_diff = ver.max_rel_diff
-        report.outputs = [o.to_dict() for o in ver.outputs]
-        report.verify_inputs = ver.inputs
-        report.verify_input_source = ver.input_source
-        report.verify_inputs_generated = ver.generated
-        report.latency_ms_before = ver.latency_ms_before
-        report.latency_ms_after = ver.latency_ms_after
+        report.take_verification(ver)
     else:  # unverified, but never a model ONNX Runtime cannot load
         try:
             Session(final, None, optimize="extended").close()

@@ -36,7 +36,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.exporters]
 
 
 
-def _cli(capsys, *args) -> str:
+def cli_ok(capsys, *args) -> str:
+    """Run the CLI in-process; it must exit 0 without a traceback; returns stdout."""
     capsys.readouterr()
     try:
         code = main([str(a) for a in args])
@@ -84,15 +85,15 @@ def _flow(capsys, d: Path, export, train: dict, ev: dict, policy: dict, *, epoch
     times["export"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    _cli(capsys, "insert", d / "model.onnx", "-o", d / "inserted.onnx", "--config", d / "policy.json", "-q")
+    cli_ok(capsys, "insert", d / "model.onnx", "-o", d / "inserted.onnx", "--config", d / "policy.json", "-q")
     times["insert"] = time.perf_counter() - t
     t = time.perf_counter()
-    _cli(capsys, "artifacts", d / "inserted.onnx", "-o", d / "art", "--loss", "ce", "--output", "logits",
+    cli_ok(capsys, "artifacts", d / "inserted.onnx", "-o", d / "art", "--loss", "ce", "--output", "logits",
          "--lr", lr, "-q")
     times["artifacts"] = time.perf_counter() - t
     before = _accuracy(d / "inserted.onnx", ev)  # V = 0: the export's own function
     t = time.perf_counter()
-    _cli(capsys, "train", d / "art", "--data", d / "train.npz", "--eval", d / "eval.npz", "--epochs", epochs,
+    cli_ok(capsys, "train", d / "art", "--data", d / "train.npz", "--eval", d / "eval.npz", "--epochs", epochs,
          "--batch-size", batch, "--out-dir", d / "run", "--fold", d / "folded.onnx", "-q")
     times["train"] = time.perf_counter() - t
 
