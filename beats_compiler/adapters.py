@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from .pipeline import CompileResult, Edit, as_loaded, transform
 from .reparam import Adapter, fold, get_records
 from .report import finite_json
 from .targets import get_target
-from .verify import Session, check_inputs_match, compare, pick_generated
+from .verify import Session, check_inputs_match, compare, pick_generated, time_alternating
 from .verify import verify as run_verification
 
 __all__ = [
@@ -557,27 +556,6 @@ def _atol(expected) -> float:
     return ADAPTER_ATOL + LOW_PRECISION_ULPS * eps * scale
 
 
-def _median_ms(xs: list[float]) -> float:
-    return round(statistics.median(xs) * 1000.0, 4)
-
-
-def _latency(ref_sess, base_sess, feeds, ro, budget_s: float = 2.0, runs: int = 50) -> tuple[float, float]:
-    """Alternating runs: the folded model, the base with the adapter active."""
-    t1: list[float] = []
-    t2: list[float] = []
-    deadline = time.perf_counter() + budget_s
-    for _ in range(runs):
-        t = time.perf_counter()
-        ref_sess.run(None, feeds)
-        t1.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        base_sess.run(None, feeds, ro)
-        t2.append(time.perf_counter() - t)
-        if time.perf_counter() > deadline and len(t1) >= 3:
-            break
-    return _median_ms(t1), _median_ms(t2)
-
-
 def _write_adapter(path: str, arrays: Mapping[str, np.ndarray]) -> None:
     import onnxruntime as ort
 
@@ -729,7 +707,7 @@ def _verify(report: AdapterReport, base_model, base_path, values, adapter_file: 
                 np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(got, plain)):
             report.warnings.append("the adapter changes no output on the verification inputs")
         if measure_latency:
-            report.latency_ms_folded, report.latency_ms_adapter = _latency(sr, sb, feeds, ro)
+            report.latency_ms_folded, report.latency_ms_adapter = time_alternating(sr, sb, feeds, 2.0, 50, ro)
         del ro, lora
     finally:
         s_ref.close()

@@ -150,14 +150,16 @@ def _median_ms(runs: list[float]) -> float:
     return round(statistics.median(runs) * 1000.0, 4)
 
 
-def _time_alternating(s1, s2, feeds, budget_s: float, max_runs: int) -> tuple[float, float]:
+def time_alternating(s1, s2, feeds, budget_s: float, max_runs: int, run_options2=None) -> tuple[float, float]:
+    """Median ms of ``s1`` and ``s2`` run in turn on ``feeds`` (``s2`` with
+    ``run_options2``, e.g. an active adapter) until ``max_runs`` or the budget."""
     t1: list[float] = []
     t2: list[float] = []
     deadline = time.perf_counter() + budget_s
     for _ in range(max_runs):
-        for sess, bucket in ((s1, t1), (s2, t2)):
+        for sess, bucket, ro in ((s1, t1, None), (s2, t2, run_options2)):
             t0 = time.perf_counter()
-            sess.run(None, feeds)
+            sess.run(None, feeds, ro)
             bucket.append(time.perf_counter() - t0)
         if time.perf_counter() > deadline and len(t1) >= 3:
             break
@@ -342,7 +344,7 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
     ok = all(d.ok for d in diffs)
     lat_b = lat_a = None
     if measure_latency:
-        lat_b, lat_a = _time_alternating(so, sn, feeds, budget, runs)
+        lat_b, lat_a = time_alternating(so, sn, feeds, budget, runs)
     return Verification(
         verified=ok,
         max_abs_diff=max((d.max_abs_diff for d in diffs), default=0.0),
