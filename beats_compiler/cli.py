@@ -35,6 +35,13 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
                         "(done anyway when it fails)")
     p.add_argument("--rtol", type=positive_float, help="relative tolerance of verification")
     p.add_argument("--atol", type=positive_float, help="absolute tolerance of verification")
+    p.add_argument("--verify-memory", type=_size, metavar="BYTES",
+                   help="verify one model at a time, its weights fed from their files, in parts of at most BYTES "
+                        "of weights (default: automatic; models over 1 GiB run so in 1G parts)")
+    p.add_argument("--verify-scope", choices=("auto", "full", "partial"), default="auto",
+                   help="full: every output; partial: the outputs that need the first --verify-memory bytes of "
+                        "weights, on a truncated copy, plus the weights compared tensor by tensor; "
+                        "auto (default): partial past 4 GiB of weights")
     p.add_argument("--external-data", action="store_true",
                    help="write weights to <output>.data (automatic over 2 GB or when the input used external data)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only errors")
@@ -259,6 +266,8 @@ def _print_summary(console, report) -> None:
         console.print(f"[green]verified[/] on ONNX Runtime ({report.verify_input_source} inputs): "
                       f"max abs diff {report.max_abs_diff:.3g}, max rel diff {report.max_rel_diff:.3g} "
                       f"(rtol {report.rtol:g}, atol {report.atol:g})")
+        if report.verify_method and report.verify_method != "side by side":
+            console.print(f"  the two models were run {report.verify_method}")
     elif report.legality and report.legality.get("strict") and not report.legality.get("ok"):
         console.print("[red bold]--strict: nodes fall back off the target's provider (see above)[/]")
     else:
@@ -414,7 +423,8 @@ def run_compile(args: argparse.Namespace, console) -> int:
                            check_each_pass=args.check_each_pass, fold_size_limit=args.fold_size_limit,
                            fold_memory_limit=args.fold_memory_limit),
         verify=VerifyOptions(enabled=not args.no_verify, inputs=inputs, rtol=args.rtol, atol=args.atol,
-                             measure_latency=not args.no_latency),
+                             measure_latency=not args.no_latency, memory=args.verify_memory,
+                             scope=args.verify_scope),
         target_options=TargetOptions(input_shapes=shapes or None, calib=args.calib,
                                      fp32_ops=tuple(o.strip() for o in args.fp32_ops.split(",") if o.strip()),
                                      precompile=args.precompile, activation_type=args.activation_type,
@@ -590,9 +600,22 @@ def _print_export(console, rep) -> None:
         console.print("[red]nothing written: the adapter does not match the folded model[/]")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
+class _LazyConsole:
+    """A ``rich`` console made on first use: ``-q`` runs that print nothing never
+    import rich (about 60 ms of a small model's compile)."""
 
+    def __init__(self, **kw):
+        self._kw, self._console = kw, None
+
+    def __getattr__(self, name):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._kw)
+        return getattr(self._console, name)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAINING_SUBCOMMANDS:  # ORT training: beats_compiler/training/cli.py
         from .training.cli import main as training_main
@@ -604,8 +627,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         parser = build_reparam_parser(cmd) if cmd else build_parser()
     args = parser.parse_args(argv[1:] if cmd else argv)
-    console = Console(stderr=False, highlight=False)
-    err = Console(stderr=True, highlight=False)
+    console = _LazyConsole(stderr=False, highlight=False)
+    err = _LazyConsole(stderr=True, highlight=False)
     from .errors import BeatsError
 
     try:

@@ -23,6 +23,12 @@ class VerifyOptions:
     rtol: float | None = None  # None: the target profile's tolerance
     atol: float | None = None
     measure_latency: bool = True
+    # weight bytes per ORT session when the models are run one at a time (verify.py);
+    # None: side by side up to 1 GiB of weights, else one at a time in 1 GiB parts
+    memory: int | None = None
+    # "auto": side by side, one at a time, or partially past 4 GiB of weights;
+    # "full": every output; "partial": the outputs the first ``memory`` bytes of weights give
+    scope: str = "auto"
 
 
 @dataclass(frozen=True)

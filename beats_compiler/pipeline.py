@@ -158,6 +158,8 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
             atol=atol,
             measure_latency=verify.measure_latency,
             base_dir=base_dir,
+            memory_budget=verify.memory,
+            scope=verify.scope,
         )
     warnings = (list(loaded.notes) if loaded is not None else []) + list(done.warnings or [])
     if not done.converged:
@@ -191,6 +193,7 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
         verify_inputs={} if ver is None else ver.inputs,
         verify_input_source=None if ver is None else ver.input_source,
         verify_inputs_generated={} if ver is None else ver.generated,
+        verify_method=None if ver is None else ver.method,
         warnings=warnings,
         command=command,
         reparam=done.reparam,

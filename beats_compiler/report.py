@@ -74,6 +74,8 @@ class CompileReport:
     # how each generated verification input was made ({input: "int64 [2,7] mask 0/1, mostly 1
     # (Cast to bool)", ..., "<dims>": "batch=2, seq=3; ..."}); empty for the user's inputs
     verify_inputs_generated: dict[str, str] = field(default_factory=dict)
+    # how the original and the result were run: "side by side" or "one at a time, ..."
+    verify_method: str | None = None
     warnings: list[str] = field(default_factory=list)
     command: str = "compile"
     reparam: dict | None = None  # insert/fold/unfold: weights, trainable parameter counts
@@ -98,6 +100,7 @@ class CompileReport:
         self.verify_inputs = ver.inputs
         self.verify_input_source = ver.input_source
         self.verify_inputs_generated = ver.generated
+        self.verify_method = ver.method
         self.latency_ms_before = ver.latency_ms_before
         self.latency_ms_after = ver.latency_ms_after
 

@@ -16,13 +16,25 @@ import onnx
 
 from .errors import InputError, short_message
 from passes.convert import uses_external_refs
+from passes.graph import is_computed_ref
 
 from .inputs import InputGenerator
 from .io import needs_external_data, save_model
+from .runner import DEFAULT_BUDGET, FeedSession, NotRunnable, available_memory, weight_bytes
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-4
+# Models with more weight bytes than this are verified one model at a time,
+# their weights fed from their files (``runner.FeedSession``): two ORT sessions
+# that own their weights need several times the model's memory.
+ONE_AT_A_TIME_FROM = 1 << 30
+# Past this many weight bytes the default check is partial (``scope="auto"``):
+# the outputs that need the first ``memory_budget`` bytes of weights, run on a
+# copy truncated to what they need, plus the weights compared tensor by tensor.
+# Running a 7B decoder twice in full takes minutes (``scope="full"`` does it).
+PARTIAL_FROM = 4 << 30
+SCOPES = ("auto", "full", "partial")
 
 @dataclass
 class OutputDiff:
@@ -56,6 +68,9 @@ class Verification:
     input_source: str = "generated"
     # how each generated input was made (``inputs.InputGenerator.describe``); empty for the user's
     generated: dict[str, str] = field(default_factory=dict)
+    # how the two models were run: "side by side" (two sessions, latency timed) or
+    # "one at a time, ..." (runner.FeedSession: sequential, in segments when large)
+    method: str = "side by side"
 
 
 def quiet_session_options():
@@ -180,15 +195,31 @@ def verify(
     seed: int = 0,
     base_dir: Path | None = None,
     optimize: bool | str = True,
+    memory_budget: int | None = None,
+    scope: str = "auto",
 ) -> Verification:
     """Run ``original`` and ``result`` on the same inputs and compare every output.
 
     ``optimize``: ONNX Runtime's graph optimizations for both sessions (True: all,
     "extended": without the CPU-only layout level, False: none).
 
+    ``memory_budget``: weight bytes per segment when the models are run one at
+    a time (see ``_one_at_a_time``); given, the models are always run so.
+    ``scope``: "full" runs every output, "partial" the outputs that need the
+    first ``memory_budget`` bytes of weights (plus a tensor-by-tensor weight
+    comparison), "auto" partial past ``PARTIAL_FROM`` bytes of weights.
+
     Raises ``InputError`` when the original itself cannot run on ONNX Runtime
-    (nothing can then be proved) or when user inputs do not fit the model.
+    (nothing can then be proved), when user inputs do not fit the model, or
+    when even one segment of the model would not fit in the memory available.
     """
+    if scope not in SCOPES:
+        raise ValueError(f"verification scope {scope!r}: one of {', '.join(SCOPES)}")
+    one_at_a_time = _one_at_a_time(original, original_path, result, memory_budget, scope)
+    if one_at_a_time is not None:
+        budget, partial = one_at_a_time
+        return _verify_one_at_a_time(original, original_path, result, base_dir, budget, inputs, rtol, atol,
+                                     seed, optimize, partial)
     try:
         s_orig = Session(original, original_path, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
@@ -210,6 +241,191 @@ def verify(
     finally:
         s_orig.close()
         s_new.close()
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def _one_at_a_time(original, original_path, result, memory_budget: int | None,
+                   scope: str = "auto") -> tuple[int, bool] | None:
+    """``(weight budget per segment, partial)`` when the two models are to be
+    run one at a time with their weights fed (``runner.FeedSession``), else
+    None (two ordinary sessions side by side, as for every model up to 1 GiB).
+    Two sessions that own their weights need about three times each model (ORT
+    copies weights it optimizes, casts, prepacks): past what is available, or
+    past ``ONE_AT_A_TIME_FROM``, or when a budget or a scope is given, one at a
+    time."""
+    size = weight_bytes(result)
+    if original is not None:
+        size = max(size, weight_bytes(original))
+    avail = available_memory()
+    if (memory_budget is None and scope == "auto" and size <= ONE_AT_A_TIME_FROM
+            and (avail is None or 6 * size <= avail)):
+        return None
+    partial = scope == "partial" or (scope == "auto" and size > PARTIAL_FROM)
+    return (int(memory_budget) if memory_budget is not None else DEFAULT_BUDGET), partial
+
+
+def _feed_session(model, base_dir, budget, optimize, what: str, outputs=None) -> FeedSession:
+    try:
+        return FeedSession(model, base_dir, budget=budget, optimize=optimize, outputs=outputs)
+    except NotRunnable as exc:
+        raise InputError(f"cannot verify the {what} model one segment at a time ({exc}); "
+                         f"use --no-verify to skip") from None
+
+
+def _check_fits(sessions: list[FeedSession]) -> None:
+    """Stop with one line, before any ORT session starts, when the largest
+    segment would not fit: its weights plus float32 copies ORT makes of 16-bit
+    weights its CPU kernels do not take, plus a margin for activations."""
+    avail = available_memory()
+    if avail is None:
+        return
+    need = 0
+    for fs in sessions:
+        for seg in fs.segments:
+            extra = sum(2 * fs.weights[w] for w in seg.weights if fs.inits[w].data_type in (
+                onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
+            need = max(need, seg.weight_bytes + min(extra, 2 * max((fs.weights[w] for w in seg.weights), default=0)))
+    need += 256 << 20
+    if need > avail:
+        raise InputError(f"cannot verify: the largest part of the model needs about {_gib(need)} and "
+                         f"{_gib(avail)} is available; use --verify-memory to run smaller parts, or --no-verify")
+
+
+def _partial_outputs(fs: FeedSession, budget: int) -> tuple[list[str], int]:
+    """The outputs whose computation needs the fewest weights, as many as fit
+    ``budget`` bytes of weights together (at least one), and those bytes."""
+    anc = fs.ancestor_weights()
+    chosen: list[str] = []
+    union: dict[str, int] = {}
+    for name, ws in sorted(anc.items(), key=lambda kv: sum(kv[1].values())):
+        merged = {**union, **ws}
+        if chosen and sum(merged.values()) > budget:
+            continue
+        chosen.append(name)
+        union = merged
+    return chosen, sum(union.values())
+
+
+def _external_key(t: onnx.TensorProto, folder) -> tuple | None:
+    if t.data_location != onnx.TensorProto.EXTERNAL or folder is None:
+        return None
+    info = {e.key: e.value for e in t.external_data}
+    if "location" not in info:
+        return None
+    return (os.path.realpath(Path(os.fspath(folder)) / info["location"]), int(info.get("offset", 0) or 0),
+            info.get("length"), t.data_type, tuple(t.dims))
+
+
+def compare_weights(ref: onnx.ModelProto, ref_dir, result: onnx.ModelProto, res_dir) -> dict[str, int]:
+    """The result's initializers against the reference's of the same name:
+    ``same`` (the same bytes: the same range of the same data file, or equal
+    inline bytes), ``changed`` (different dtype, shape or bytes),
+    ``recomputed`` (computed as the model is written: not compared here),
+    ``new`` (no initializer of that name in the reference)."""
+    refs = {t.name: t for t in ref.graph.initializer}
+    counts = {"same": 0, "changed": 0, "recomputed": 0, "new": 0}
+    for t in result.graph.initializer:
+        r = refs.get(t.name)
+        if r is None:
+            counts["new"] += 1
+            continue
+        if r.data_type != t.data_type or list(r.dims) != list(t.dims):
+            counts["changed"] += 1
+            continue
+        key_r, key_t = _external_key(r, ref_dir), _external_key(t, res_dir)
+        if key_t is not None and key_t == key_r:
+            counts["same"] += 1
+        elif t.data_location == onnx.TensorProto.EXTERNAL or r.data_location == onnx.TensorProto.EXTERNAL:
+            if is_computed_ref(t):
+                counts["recomputed"] += 1
+            else:
+                counts["changed" if not _same_bytes(r, ref_dir, t, res_dir) else "same"] += 1
+        else:
+            counts["same" if r.SerializeToString() == t.SerializeToString()
+                   or np.array_equal(onnx.numpy_helper.to_array(r), onnx.numpy_helper.to_array(t))
+                   else "changed"] += 1
+    return counts
+
+
+def _same_bytes(a: onnx.TensorProto, a_dir, b: onnx.TensorProto, b_dir) -> bool:
+    def chunks(t, folder):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            yield onnx.numpy_helper.to_array(t).tobytes()
+            return
+        info = {e.key: e.value for e in t.external_data}
+        left = int(info["length"]) if "length" in info else None
+        with open(Path(os.fspath(folder)) / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0) or 0))
+            while left is None or left > 0:
+                blk = f.read(64 << 20 if left is None else min(64 << 20, left))
+                if not blk:
+                    return
+                if left is not None:
+                    left -= len(blk)
+                yield blk
+
+    try:
+        return b"".join(chunks(a, a_dir)) == b"".join(chunks(b, b_dir)) if max(
+            _tensor_len(a), _tensor_len(b)) <= 64 << 20 else all(x == y for x, y in zip(chunks(a, a_dir), chunks(b, b_dir)))
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _tensor_len(t: onnx.TensorProto) -> int:
+    for e in t.external_data:
+        if e.key == "length":
+            return int(e.value)
+    return t.ByteSize()
+
+
+def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inputs, rtol, atol, seed, optimize,
+                          partial: bool = False):
+    if original is None:
+        try:
+            ref = onnx.load(str(original_path), load_external_data=False)
+        except Exception as exc:
+            raise InputError(f"cannot verify: cannot read the original model ({short_message(exc)})") from None
+        ref_dir = Path(original_path).parent
+    else:
+        ref, ref_dir = original, base_dir
+    outputs = None
+    if partial:
+        probe = _feed_session(ref, ref_dir, budget, optimize, "original")
+        outputs, covered = _partial_outputs(probe, budget)
+        del probe
+    s_orig = _feed_session(ref, ref_dir, budget, optimize, "original", outputs)
+    s_new = _feed_session(result, base_dir, budget, optimize, "compiled", outputs)
+    _check_fits([s_orig, s_new])
+    gen = None if inputs is not None else InputGenerator(s_orig.get_inputs(), ref, seed)
+    if inputs is not None and outputs is not None:
+        # the truncated copy reads only some inputs: feed it those
+        used = {a.name for a in s_orig.get_inputs()}
+        inputs = {k: v for k, v in inputs.items() if k in used or k not in {vi.name for vi in ref.graph.input}}
+    try:
+        ver = _verify_sessions(s_orig, s_new, inputs, rtol, atol, False, 0.0, 0, seed, generator=gen)
+    except InputError:
+        raise
+    except Exception as exc:  # the original fails in a segment
+        raise InputError(f"cannot verify: the original model fails on ONNX Runtime ({short_message(exc)}); "
+                         "use --no-verify to skip") from None
+    parts = max(len(s_orig.segments), len(s_new.segments))
+    how = ("one at a time, weights fed from their files"
+           + (f", in {parts} segments of at most {_gib(max(s_orig.largest_segment, s_new.largest_segment))} "
+              f"of weights" if parts > 1 else ""))
+    if outputs is None:
+        ver.method = how
+    else:
+        total = max(weight_bytes(ref), 1)
+        w = compare_weights(ref, ref_dir, result, base_dir)
+        shown = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
+        ver.method = (f"partially: {len(outputs)} of {len(ref.graph.output)} outputs ({shown}), which need "
+                      f"{100 * covered / total:.0f}% of the weights, on a copy truncated to what they need, {how}; "
+                      f"weights: {w['same']} identical to the original's bytes, {w['changed']} changed, "
+                      f"{w['recomputed']} recomputed, {w['new']} new (--verify-scope full runs every output)")
+    return ver
 
 
 _ANALYSIS_FILE_LIMIT = 64 << 20  # re-read an original given by path for analysis up to this size
