@@ -198,7 +198,13 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
         command=command,
         reparam=done.reparam,
     )
-    if bisect or (ver is not None and not ver.verified):
+    if ver is not None and ver.method != "side by side" and (bisect or not ver.verified):
+        # the search holds both models in ORT sessions, pass after pass: what the
+        # one-at-a-time verification was chosen to avoid
+        report.culprit = culprits.culprit_dict(
+            None, None, None, message="culprit search skipped: the models were too large to run side by side "
+                                      f"({ver.method.split(';')[0]})")
+    elif bisect or (ver is not None and not ver.verified):
         say("looking for the pass that changes the outputs")
         report.culprit = _find_culprit(command, original, loaded, done, result, verify.inputs, rtol, atol,
                                        failed=ver is not None and not ver.verified)

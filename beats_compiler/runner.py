@@ -35,8 +35,10 @@ from passes.graph import is_computed_ref
 # Initializers at least this big are fed at run time; smaller ones stay in the
 # segment's model (shape constants must stay constants for some kernels).
 FEED_MIN_BYTES = 1 << 20
-# Weight bytes per segment unless the caller says otherwise.
-DEFAULT_BUDGET = 1 << 30
+# Weight bytes per segment unless the caller says otherwise: a segment's peak is
+# its weights (file pages) plus float32 temporaries of about the same size (16-bit
+# weights cast for CPU kernels, an inserted model's W0 + D * V).
+DEFAULT_BUDGET = 512 << 20
 
 
 class NotRunnable(Exception):

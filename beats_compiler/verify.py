@@ -30,7 +30,7 @@ DEFAULT_ATOL = 1e-4
 # that own their weights need several times the model's memory.
 ONE_AT_A_TIME_FROM = 1 << 30
 # Past this many weight bytes the default check is partial (``scope="auto"``):
-# the outputs that need the first ``memory_budget`` bytes of weights, run on a
+# the outputs that need the first 2 x ``memory_budget`` bytes of weights, run on a
 # copy truncated to what they need, plus the weights compared tensor by tensor.
 # Running a 7B decoder twice in full takes minutes (``scope="full"`` does it).
 PARTIAL_FROM = 4 << 30
@@ -206,7 +206,7 @@ def verify(
     ``memory_budget``: weight bytes per segment when the models are run one at
     a time (see ``_one_at_a_time``); given, the models are always run so.
     ``scope``: "full" runs every output, "partial" the outputs that need the
-    first ``memory_budget`` bytes of weights (plus a tensor-by-tensor weight
+    first 2 x ``memory_budget`` bytes of weights (plus a tensor-by-tensor weight
     comparison), "auto" partial past ``PARTIAL_FROM`` bytes of weights.
 
     Raises ``InputError`` when the original itself cannot run on ONNX Runtime
@@ -394,7 +394,7 @@ def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inp
     outputs = None
     if partial:
         probe = _feed_session(ref, ref_dir, budget, optimize, "original")
-        outputs, covered = _partial_outputs(probe, budget)
+        outputs, covered = _partial_outputs(probe, 2 * budget)
         del probe
     s_orig = _feed_session(ref, ref_dir, budget, optimize, "original", outputs)
     s_new = _feed_session(result, base_dir, budget, optimize, "compiled", outputs)

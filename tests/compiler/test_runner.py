@@ -175,11 +175,28 @@ def test_cli_reports_how_it_verified(tiny, tmp_path, capsys):
     out = tmp_path / "out.onnx"
     rep = tmp_path / "r.json"
     proc = ok(run_main(capsys, tiny, "-o", out, "--verify-scope", "partial", "--verify-memory", "64k",
-                       "--report", rep))
+                       "--report", rep, "--bisect"))
     report = json.loads(rep.read_text())
+    # the culprit search would hold both models side by side: skipped, and said
+    assert report["culprit"]["message"].startswith("culprit search skipped: the models were too large")
     assert report["verified"] is True
     assert report["verify_method"].startswith("partially")
     assert "partially" in proc.stdout
     assert ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     bad = run_main(capsys, tiny, "-o", tmp_path / "o2.onnx", "--verify-scope", "all", "-q")
     assert bad.returncode == 2 and "--verify-scope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("size, avail, budget, scope, expect", [
+    (100 << 20, 20 << 30, None, "auto", None),                      # small: side by side, latency timed
+    (100 << 20, 500 << 20, None, "auto", (runner.DEFAULT_BUDGET, False)),  # 6 x size over what is free
+    (2 << 30, 20 << 30, None, "auto", (runner.DEFAULT_BUDGET, False)),     # over 1 GiB: one at a time, all outputs
+    (13 << 30, 20 << 30, None, "auto", (runner.DEFAULT_BUDGET, True)),     # over 4 GiB: partial by default
+    (13 << 30, 20 << 30, 1 << 30, "full", (1 << 30, False)),
+    (100 << 20, 20 << 30, 64 << 20, "auto", (64 << 20, False)),     # a budget asks for one at a time
+    (100 << 20, 20 << 30, None, "partial", (runner.DEFAULT_BUDGET, True)),
+])
+def test_how_verification_runs(monkeypatch, size, avail, budget, scope, expect):
+    monkeypatch.setattr(verify, "weight_bytes", lambda m: size)
+    monkeypatch.setattr(verify, "available_memory", lambda: avail)
+    assert verify._one_at_a_time(None, None, onnx.ModelProto(), budget, scope) == expect
