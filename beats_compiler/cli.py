@@ -37,9 +37,9 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--atol", type=positive_float, help="absolute tolerance of verification")
     p.add_argument("--verify-memory", type=_size, metavar="BYTES",
                    help="verify one model at a time, its weights fed from their files, in parts of at most BYTES "
-                        "of weights (default: automatic; models over 1 GiB run so in 1G parts)")
+                        "of weights (default: automatic; models over 1 GiB run so in 512M parts)")
     p.add_argument("--verify-scope", choices=("auto", "full", "partial"), default="auto",
-                   help="full: every output; partial: the outputs that need the first --verify-memory bytes of "
+                   help="full: every output; partial: the outputs that need the first 2 x --verify-memory bytes of "
                         "weights, on a truncated copy, plus the weights compared tensor by tensor; "
                         "auto (default): partial past 4 GiB of weights")
     p.add_argument("--external-data", action="store_true",
