@@ -493,7 +493,8 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
     from . import reparam
     from .io import atomic_write_bytes, check_output_path
 
-    common = dict(verify=not args.no_verify, rtol=args.rtol, atol=args.atol)
+    common = dict(verify=not args.no_verify, rtol=args.rtol, atol=args.atol, verify_memory=args.verify_memory,
+                  verify_scope=args.verify_scope)
     flags = dict(bisect=args.bisect)
     if cmd == "insert":
         policy = _policy(args)

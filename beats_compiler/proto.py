@@ -18,14 +18,22 @@ def is_repeated(fd) -> bool:
 
 
 def copy_except(src, skip: str):
-    """A copy of the message ``src`` without its field ``skip``."""
+    """A copy of the message ``src`` without its field ``skip``.  The skipped
+    field is never read: ``ListFields`` would hand a tensor's ``raw_data`` over
+    as a new bytes object (a copy of the weight) only for it to be dropped."""
     dst = type(src)()
-    for fd, value in src.ListFields():
+    for fd in src.DESCRIPTOR.fields:
         if fd.name == skip:
             continue
         if is_repeated(fd):
-            getattr(dst, fd.name).extend(value)
-        elif fd.message_type is not None:
+            value = getattr(src, fd.name)
+            if len(value):
+                getattr(dst, fd.name).extend(value)
+            continue
+        if not src.HasField(fd.name):
+            continue
+        value = getattr(src, fd.name)
+        if fd.message_type is not None:
             getattr(dst, fd.name).CopyFrom(value)
         else:
             setattr(dst, fd.name, value)

@@ -110,6 +110,8 @@ def insert(
     rtol: float = INSERT_RTOL,
     atol: float = INSERT_ATOL,
     measure_latency: bool = True,
+    verify_memory: int | None = None,
+    verify_scope: str = "auto",
     progress: Progress | None = None,
     bisect: bool = False,
 ) -> CompileResult:
@@ -148,7 +150,8 @@ def insert(
             warnings=warnings,
         )
 
-    return transform(model, "insert", edit, verify=VerifyOptions(verify, inputs, rtol, atol, measure_latency),
+    return transform(model, "insert", edit, verify=VerifyOptions(
+        verify, inputs, rtol, atol, measure_latency, memory=verify_memory, scope=verify_scope),
                      progress=progress, bisect=bisect)
 
 
@@ -211,6 +214,8 @@ def fold(
     rtol: float | None = None,
     atol: float | None = None,
     measure_latency: bool = True,
+    verify_memory: int | None = None,
+    verify_scope: str = "auto",
     progress: Progress | None = None,
     bisect: bool = False,
 ) -> CompileResult:
@@ -259,7 +264,8 @@ def fold(
         _set_records(env, [])
         return Edit(reparam={"folded": folded}, reference=reference)
 
-    return transform(model, "fold", edit, verify=VerifyOptions(verify, inputs, rtol, atol, measure_latency),
+    return transform(model, "fold", edit, verify=VerifyOptions(
+        verify, inputs, rtol, atol, measure_latency, memory=verify_memory, scope=verify_scope),
                      progress=progress, bisect=bisect)
 
 
@@ -272,6 +278,8 @@ def unfold(
     rtol: float | None = None,
     atol: float | None = None,
     measure_latency: bool = True,
+    verify_memory: int | None = None,
+    verify_scope: str = "auto",
     progress: Progress | None = None,
     bisect: bool = False,
 ) -> CompileResult:
@@ -288,7 +296,8 @@ def unfold(
         _set_records(env, records)
         return Edit(reparam={"unfolded": [r.weight for r in records]})
 
-    return transform(model, "unfold", edit, verify=VerifyOptions(verify, inputs, rtol, atol, measure_latency),
+    return transform(model, "unfold", edit, verify=VerifyOptions(
+        verify, inputs, rtol, atol, measure_latency, memory=verify_memory, scope=verify_scope),
                      progress=progress, bisect=bisect)
 
 

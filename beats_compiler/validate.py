@@ -68,6 +68,13 @@ MAX_IR_VERSION = onnx.IR_VERSION
 
 def read_model_file(path: Path) -> tuple[onnx.ModelProto, int]:
     """Parse ``path`` as an ONNX model; returns the model and the file size."""
+    model, size, _ = read_model_file_sizes(path)
+    return model, size
+
+
+def read_model_file_sizes(path: Path) -> tuple[onnx.ModelProto, int, list[int | None] | None]:
+    """``read_model_file`` plus ``raw_data_sizes`` of the file's bytes (for
+    ``validate_model``: reading a weight's ``raw_data`` to measure it copies it)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -92,7 +99,73 @@ def read_model_file(path: Path) -> tuple[onnx.ModelProto, int]:
             data = f.read(PROTOBUF_LIMIT + 1)
     finally:
         os.close(fd)
-    return parse_model_bytes(data, str(path)), len(data)
+    model = parse_model_bytes(data, str(path))
+    sizes = raw_data_sizes(data)
+    if sizes is not None and len(sizes) != len(model.graph.initializer):
+        sizes = None
+    return model, len(data), sizes
+
+
+def _fields(data: bytes, start: int, end: int):
+    """(field number, wire type, value start, value end) of each field in data[start:end]
+    (for wire type 2 the value is the payload); stops at the first malformed field."""
+    pos = start
+    while pos < end:
+        tag, pos = _varint(data, pos)
+        if tag is None or pos > end:
+            return
+        wt = tag & 7
+        if wt == 0:
+            v0 = pos
+            value, pos = _varint(data, pos)
+            if value is None or pos > end:
+                return
+            yield tag >> 3, wt, v0, pos
+        elif wt in (1, 5):
+            v0, pos = pos, pos + (8 if wt == 1 else 4)
+            if pos > end:
+                return
+            yield tag >> 3, wt, v0, pos
+        elif wt == 2:
+            length, pos = _varint(data, pos)
+            if length is None or pos + length > end:
+                return
+            yield tag >> 3, wt, pos, pos + length
+            pos += length
+        else:  # groups: not in onnx.proto
+            return
+
+
+def raw_data_sizes(data: bytes) -> list[int | None] | None:
+    """The ``raw_data`` length of each initializer of the main graph, in order
+    (None: no raw_data), read from a ModelProto's wire bytes without copying a
+    weight; None when the bytes hold anything this reader does not follow.
+    As protobuf parses: every ``graph`` field (7) of the model is merged into
+    one, so their initializers (field 5) concatenate; of several ``raw_data``
+    fields (9) in one tensor the last wins."""
+    sizes: list[int | None] = []
+    end = len(data)
+    seen = 0
+    for num, wt, g0, g1 in _fields(data, 0, end):
+        seen = g1
+        if num != 7 or wt != 2:
+            continue
+        inner = 0
+        for fnum, fwt, t0, t1 in _fields(data, g0, g1):
+            inner = t1
+            if fnum != 5 or fwt != 2:
+                continue
+            raw, last = None, t0
+            for tnum, twt, r0, r1 in _fields(data, t0, t1):
+                last = r1
+                if tnum == 9 and twt == 2:
+                    raw = r1 - r0
+            if last != t1:
+                return None
+            sizes.append(raw)
+        if inner != g1:
+            return None
+    return sizes if seen == end else None
 
 
 def parse_model_bytes(data: bytes, where: str = "model") -> onnx.ModelProto:
@@ -179,8 +252,9 @@ _INT32_TYPES = {TensorProto.INT32, TensorProto.INT16, TensorProto.INT8, TensorPr
 MAX_ELEMENTS = 1 << 62
 
 
-def _tensor_problem(t: TensorProto) -> str | None:
-    """What is wrong with the tensor's header and inline data, if anything."""
+def _tensor_problem(t: TensorProto, raw_size: int | None = None) -> str | None:
+    """What is wrong with the tensor's header and inline data, if anything.
+    ``raw_size``: ``len(t.raw_data)`` when already known (measuring copies it)."""
     if t.data_type not in _KNOWN_TYPES or t.data_type == TensorProto.UNDEFINED:
         return f"unknown data type {t.data_type}"
     n = 1
@@ -198,8 +272,9 @@ def _tensor_problem(t: TensorProto) -> str | None:
         if t.data_type == TensorProto.STRING:
             return "string tensor with raw_data"
         want = tensor_nbytes(t)
-        if len(t.raw_data) != want:
-            return f"raw data has {len(t.raw_data)} bytes, dims {list(t.dims)} of this type need {want}"
+        have = len(t.raw_data) if raw_size is None else raw_size
+        if have != want:
+            return f"raw data has {have} bytes, dims {list(t.dims)} of this type need {want}"
         return None
     found = [(f, len(getattr(t, f))) for f in (*_FIELDS, "int32_data") if len(getattr(t, f))]
     if len(found) > 1:
@@ -254,9 +329,11 @@ def _check_shape(vi: onnx.ValueInfoProto, where: str) -> None:
             stack.append(tp.map_type.value_type)
 
 
-def validate_model(model: onnx.ModelProto, limits: Limits = Limits(), where: str = "model") -> None:
+def validate_model(model: onnx.ModelProto, limits: Limits = Limits(), where: str = "model", *,
+                   raw_sizes: list[int | None] | None = None) -> None:
     """Refuse a model that is structurally invalid or over the limits, with a
-    one-line ``InputError`` naming the problem (``where`` prefixes it)."""
+    one-line ``InputError`` naming the problem (``where`` prefixes it).
+    ``raw_sizes``: ``raw_data_sizes`` of the bytes ``model`` was parsed from."""
     _check_strings(model, where)
     _check_versions(model, where)
     functions = {(f.domain, f.name) for f in model.functions}
@@ -279,7 +356,9 @@ def validate_model(model: onnx.ModelProto, limits: Limits = Limits(), where: str
             raise InputError(f"{where}: more than {limits.max_nodes} nodes, over the limit (raise it with --max-nodes)")
         for node in g.node:
             stack.extend((s, d + 1) for s in _subgraphs(node))
-    _check_graph(model.graph, set(), where, opsets, functions, top=True)
+    if raw_sizes is not None and len(raw_sizes) != len(model.graph.initializer):
+        raw_sizes = None
+    _check_graph(model.graph, set(), where, opsets, functions, top=True, raw_sizes=raw_sizes)
     check_declared_types(model, where)
 
 
@@ -335,7 +414,8 @@ def _check_versions(model: onnx.ModelProto, where: str) -> None:
                              f"tool supports (up to {MAX_OPSET[domain]})")
 
 
-def _check_graph(g: onnx.GraphProto, outer: set[str], where: str, opsets, functions, top: bool = False) -> None:
+def _check_graph(g: onnx.GraphProto, outer: set[str], where: str, opsets, functions, top: bool = False,
+                 raw_sizes: list[int | None] | None = None) -> None:
     """Names, order and tensors of ``g`` (outer scope ``outer``); then its subgraphs."""
     scope_name = "graph" if top else f"subgraph {g.name!r}"
     defined: dict[str, str] = {}
@@ -356,13 +436,13 @@ def _check_graph(g: onnx.GraphProto, outer: set[str], where: str, opsets, functi
         defined[vi.name] = "an input"
         _check_shape(vi, where)
     inputs = set(defined)
-    for t in g.initializer:
+    for k, t in enumerate(g.initializer):
         if not t.name:
             raise InputError(f"{where}: {scope_name} has an initializer without a name")
         if t.name in defined and (t.name not in inputs or defined[t.name] == "an initializer"):
             raise InputError(f"{where}: duplicate initializer name {t.name!r} in the {scope_name}")
         defined[t.name] = "an initializer"
-        problem = _tensor_problem(t)
+        problem = _tensor_problem(t, None if raw_sizes is None else raw_sizes[k])
         if problem:
             raise InputError(f"{where}: initializer {t.name!r}: {problem}")
     for sp in g.sparse_initializer:

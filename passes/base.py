@@ -27,6 +27,10 @@ class PassResult:
 
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
+    # The modification left every remaining tensor's element type and shape as
+    # it was, and added no tensor (identical constants merged): analyses of the
+    # graph before it stay valid for the tensors still in the graph.
+    types_kept: bool = False
 
 
 @dataclass
@@ -98,19 +102,29 @@ class _AnalysisCache:
         self.graph = graph
         self.results: dict[Hashable, Any] = {}
         self.asked: set[Hashable] = set()  # keys the running pass has requested
+        # keys whose result predates a ``types_kept`` modification: handed out
+        # again only through the caller's ``revalidate`` (dropping removed tensors)
+        self.stale: set[Hashable] = set()
 
-    def end_pass(self, modified: bool) -> None:
-        if modified:
+    def end_pass(self, modified: bool, types_kept: bool = False) -> None:
+        if modified and types_kept:
+            self.stale.update(self.results)
+        elif modified:
             self.results.clear()
+            self.stale.clear()
         self.asked.clear()
 
 
 _ANALYSES: contextvars.ContextVar[_AnalysisCache | None] = contextvars.ContextVar("beats_analyses", default=None)
 
 
-def cached_analysis(graph: gs.Graph, key: Hashable, compute: Callable[[], Any]) -> tuple[Any, bool]:
+def cached_analysis(graph: gs.Graph, key: Hashable, compute: Callable[[], Any],
+                    revalidate: Callable[[Any], Any] | None = None) -> tuple[Any, bool]:
     """``compute()``, or its result from an earlier pass of the running
     ``PassManager`` when the graph is unchanged since; returns (value, reused).
+    A result from before a modification that kept types (``PassResult.types_kept``)
+    is reused as ``revalidate(result)`` (which drops what the graph no longer
+    holds), or recomputed without ``revalidate``.
     Outside a manager (or for another graph) it always computes."""
     cache = _ANALYSES.get()
     if cache is None or cache.graph is not graph:
@@ -118,9 +132,15 @@ def cached_analysis(graph: gs.Graph, key: Hashable, compute: Callable[[], Any]) 
     first = key not in cache.asked
     cache.asked.add(key)
     if first and key in cache.results:
-        return cache.results[key], True
+        if key not in cache.stale:
+            return cache.results[key], True
+        cache.stale.discard(key)
+        if revalidate is not None:
+            value = cache.results[key] = revalidate(cache.results[key])
+            return value, True
     value = compute()
     cache.results[key] = value
+    cache.stale.discard(key)
     return value, False
 
 
@@ -140,6 +160,16 @@ class ManagerReport:
         for r in self.records:
             out.setdefault(r.name, Counter()).update(r.stats)
         return {k: dict(v) for k, v in out.items()}
+
+
+@dataclass
+class _RunState:
+    """What a ``PassManager.run`` knows between passes: how many pass runs have
+    modified the graph (``version``), and per pass index the version and stats
+    of its last run when that run modified nothing."""
+
+    version: int = 0
+    idle: dict[int, tuple[int, dict[str, int]]] = field(default_factory=dict)
 
 
 class PassManager:
@@ -187,11 +217,12 @@ class PassManager:
         converged = False
         rounds = 0
         cache = _AnalysisCache(graph)
+        state = _RunState()
         token = _ANALYSES.set(cache)
         try:
             for rnd in range(1, self.max_rounds + 1):
                 rounds = rnd
-                if self._run_round(graph, rnd, cache, records, ran):
+                if self._run_round(graph, rnd, cache, records, ran, state):
                     continue
                 converged = True
                 break
@@ -200,20 +231,34 @@ class PassManager:
         return ManagerReport(records=records, rounds=rounds, converged=converged)
 
     def _run_round(self, graph: gs.Graph, rnd: int, cache: _AnalysisCache, records: list[PassRecord],
-                   ran: list[str]) -> bool:
-        """One round of every pass; whether any of them modified the graph."""
+                   ran: list[str], state: _RunState | None = None) -> bool:
+        """One round of every pass; whether any of them modified the graph.
+        A pass declared idempotent whose last run modified nothing is not run
+        again while no pass has modified the graph since (the same pass on the
+        same graph finds the same nothing): its record repeats that run's stats
+        with 0 seconds."""
+        state = state if state is not None else _RunState()
         round_modified = False
-        for p in self.passes:
+        for k, p in enumerate(self.passes):
             t0 = time.perf_counter()
-            try:
-                result = p(graph)
-                cache.end_pass(result.modified)
-                if result.modified and self.check is not None:
-                    self.check(graph)
-                if result.modified and self.check_idempotent and p.idempotent:
-                    self._run_again(p, graph, cache)
-            except Exception as exc:  # re-raised with the pass history
-                raise PassError(p.name, ran, exc) from exc
+            idle = state.idle.get(k)
+            if p.idempotent and idle is not None and idle[0] == state.version:
+                result = PassResult(False, dict(idle[1]))
+            else:
+                try:
+                    result = p(graph)
+                    cache.end_pass(result.modified, result.types_kept)
+                    if result.modified and self.check is not None:
+                        self.check(graph)
+                    if result.modified and self.check_idempotent and p.idempotent:
+                        self._run_again(p, graph, cache)
+                except Exception as exc:  # re-raised with the pass history
+                    raise PassError(p.name, ran, exc) from exc
+                if result.modified:
+                    state.version += 1
+                    state.idle.pop(k, None)
+                else:
+                    state.idle[k] = (state.version, dict(result.stats))
             rec = PassRecord(p.name, rnd, result.modified, time.perf_counter() - t0, dict(result.stats))
             records.append(rec)
             ran.append(p.name)
@@ -225,7 +270,7 @@ class PassManager:
     @staticmethod
     def _run_again(p: Pass, graph: gs.Graph, cache: _AnalysisCache) -> None:
         again = p(graph)
-        cache.end_pass(again.modified)
+        cache.end_pass(again.modified, again.types_kept)
         if again.modified:
             raise RuntimeError(f"{p.name} is declared idempotent but modified the graph again "
                                f"(second run: {dict(again.stats)})")

@@ -409,6 +409,52 @@ def _clear_empty_tensor_names(graph: onnx.GraphProto) -> None:
         _clear_empty_tensor_names(sub)
 
 
+# The NodeProto ``export_skeleton`` last made of a node, with the key it was made
+# from (``_node_key``): shape inference runs after every modifying pass, and most
+# nodes are the same as at the last run.
+_SKELETON_ATTR = "_beats_skeleton_node"
+
+
+def _attr_key(v):
+    """A value equal exactly when gs would export the attribute value the same
+    way; None when the value is not cached (tensors, graphs, arrays, ...)."""
+    tv = type(v)
+    if tv is int or tv is str or tv is bytes or tv is bool:
+        return tv, v
+    if tv is float:
+        return tv, v.hex()  # -0.0 == 0.0 and nan != nan: compare the bits
+    if tv is list or tv is tuple:
+        keys = tuple(_attr_key(x) for x in v)
+        return None if None in keys else (tv, keys)
+    return None
+
+
+def _node_key(node: gs.Node) -> tuple | None:
+    attrs = []
+    for k, v in node.attrs.items():
+        a = _attr_key(v)
+        if a is None:
+            return None
+        attrs.append((k, a))
+    return (node.op, node.domain, node.name, tuple(t.name for t in node.inputs),
+            tuple(t.name for t in node.outputs), tuple(attrs))
+
+
+def _skeleton_node(node: gs.Node) -> onnx.NodeProto:
+    """``export_node(node)``, reused from the last skeleton while the node's op,
+    names, tensors' names and plain attribute values are the same (the caller
+    copies it into its graph, never edits it)."""
+    key = _node_key(node)
+    if key is not None:
+        hit = node.__dict__.get(_SKELETON_ATTR)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    proto = export_node(node)
+    if key is not None:
+        setattr(node, _SKELETON_ATTR, (key, proto))
+    return proto
+
+
 def export_skeleton(graph: gs.Graph, const_limit: int) -> onnx.ModelProto:
     """The graph for analysis (shape inference): nodes, declared types and the
     constants of at most ``const_limit`` elements; larger top-level constants
@@ -416,7 +462,7 @@ def export_skeleton(graph: gs.Graph, const_limit: int) -> onnx.ModelProto:
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
 
     with quiet():
-        nodes = [export_node(n) for n in graph.nodes]
+        nodes = [_skeleton_node(n) for n in graph.nodes]
         inputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.inputs]
         outputs = [OnnxExporter.export_value_info_proto(t, False) for t in graph.outputs]
         io_names = {t.name for t in [*graph.inputs, *graph.outputs]}

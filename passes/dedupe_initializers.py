@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import TensorProto
 
 from .base import Pass, PassResult
 from .convert import ExternalValues, open_external
+from .graph import CACHE_LIMIT as _CACHE_LIMIT
 from .graph import const_dtype, const_shape, const_value, is_const, iter_graphs, replace_uses
-from .gs_adapter import lazy_values
+from .gs_adapter import LazyValues, lazy_values
 from .tensors import PACKED_4BIT
 
 __all__ = ["DedupeInitializers"]
@@ -26,6 +29,11 @@ def _local_constants(g: gs.Graph) -> list[gs.Constant]:
 
 
 _PROBE_BYTES = 1 << 16
+# Data types whose raw_data bytes are exactly the bytes of the array const_value gives
+# (little-endian fixed-size numbers; not bool, whose raw bytes may be any nonzero value).
+_RAW_IS_ARRAY = frozenset({TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8,
+                           TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8,
+                           TensorProto.UINT16, TensorProto.UINT32, TensorProto.UINT64})
 
 
 def _probe(c: gs.Constant) -> bytes:
@@ -36,6 +44,11 @@ def _probe(c: gs.Constant) -> bytes:
         with f:
             f.seek(offset)
             return f.read(min(_PROBE_BYTES, length))
+    if (type(v) is LazyValues and v.nbytes > _CACHE_LIMIT and v.tensor.data_type in _RAW_IS_ARRAY
+            and v.tensor.HasField("raw_data") and sys.byteorder == "little"):
+        # A large inline weight: its raw bytes are the array's bytes, and const_value would
+        # copy it three times (raw_data, to_array, np.array) for 64 KiB of it.
+        return v.tensor.raw_data[:_PROBE_BYTES]
     a = np.ascontiguousarray(const_value(c)).reshape(-1).view(np.uint8)
     return a[:_PROBE_BYTES].tobytes()
 
@@ -74,4 +87,5 @@ class DedupeInitializers(Pass):
                         replace_uses(c, first)
                         stats["merged"] += 1
                         stats["bytes_saved"] += int(v.nbytes)
-        return PassResult(stats["merged"] > 0, stats)
+        # readers now read an equal constant (same dtype, shape and bytes): no type changes
+        return PassResult(stats["merged"] > 0, stats, types_kept=True)

@@ -21,6 +21,7 @@ their offsets, and the full comparison reads one tile of each tensor at a time.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from math import isqrt
 
@@ -55,6 +56,7 @@ __all__ = ["DedupeTransposedInitializers"]
 _SAMPLES = 32
 _TILE = 256
 _BLOCK_BYTES = 1 << 22  # one tile of each tensor at a time in a full comparison
+_KEEP_BYTES = 1 << 30  # in-memory weights kept between their probe and their full comparison
 
 
 def _bump(stats: dict[str, int], key: str, by: int = 1) -> None:
@@ -180,6 +182,10 @@ class DedupeTransposedInitializers(Pass):
 
     def __init__(self, min_bytes: int = 1 << 16):
         self.min_bytes = min_bytes
+        # Probes of in-memory weights by their (immutable) gs values object: the pass runs once
+        # per round, and taking a probe copies the whole weight out of its TensorProto.  Weak
+        # keys: a weight the graph drops is not kept alive here.
+        self._probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def call(self, graph: gs.Graph) -> PassResult:
         stats: dict[str, int] = {}
@@ -229,8 +235,15 @@ class DedupeTransposedInitializers(Pass):
             return []
         plain: dict[tuple, list[gs.Constant]] = {}
         flipped: dict[int, tuple] = {}
+        # In-memory weights copied out of their TensorProto for a probe are kept (up to
+        # ``_KEEP_BYTES`` in all) for the full comparison, instead of being copied again.
+        kept: dict[int, _Bits] = {}
+        budget = _KEEP_BYTES
         for c in cands:  # one tensor loaded at a time
-            straight, transposed = _probes(_Bits(c))
+            (straight, transposed), bits = self._probe(c)
+            if bits is not None and const_nbytes(c) <= budget:
+                kept[id(c)] = bits
+                budget -= const_nbytes(c)
             dt, shape = const_dtype(c).str, const_shape(c)
             plain.setdefault((dt, shape, straight), []).append(c)
             flipped[id(c)] = (dt, shape[::-1], transposed)
@@ -243,11 +256,26 @@ class DedupeTransposedInitializers(Pass):
                     continue
                 tried.add((id(p), id(q)))
                 _bump(stats, "compared")
-                if _equal_transposed_tiled(_Bits(q), _Bits(p)):
+                if _equal_transposed_tiled(kept.get(id(q)) or _Bits(q), kept.get(id(p)) or _Bits(p)):
                     pairs.append((p, q))
                     used.update((id(p), id(q)))
                     break
         return pairs
+
+    def _probe(self, c: gs.Constant) -> tuple[tuple[bytes, bytes], _Bits | None]:
+        """(the probes of ``c``, the ``_Bits`` read to take them when they were
+        read now from memory, else None)."""
+        v = lazy_values(c)
+        if type(v) is not LazyValues:  # arrays may be edited in place; external ones are read by samples
+            return _probes(_Bits(c)), None
+        found = self._probes.get(v)
+        bits = None
+        if found is None:
+            bits = _Bits(c)
+            found = self._probes[v] = _probes(bits)
+            if bits.bits is None:
+                bits = None
+        return found, bits
 
     # ------------------------------------------------------------- planning
 

@@ -164,16 +164,20 @@ class FoldConstants(Pass):
             stats["inference_failed"] = 1
         for g in iter_graphs(graph):
             _, out_ids = io_ids(g)
+            dead: list[gs.Node] = []  # folded nodes, detached at once, dropped from g.nodes in one sweep
             for node in list(g.nodes):
-                reason = self._try_fold(graph, g, node, tm, out_ids, stats)
+                reason = self._try_fold(graph, g, node, tm, out_ids, stats, dead)
                 if reason is not None:
                     stats["skipped_" + reason] = stats.get("skipped_" + reason, 0) + 1
+            if dead:
+                remove_nodes(g, dead)
         return PassResult(stats["folded"] > 0 or lowered > 0, stats)
 
     def _lower_constant_nodes(self, graph: gs.Graph) -> int:
         n = 0
         for g in iter_graphs(graph):
             _, out_ids = io_ids(g)
+            dead: list[gs.Node] = []
             for node in list(g.nodes):
                 if node.op != "Constant" or not is_standard(node) or len(node.outputs) != 1:
                     continue
@@ -184,13 +188,19 @@ class FoldConstants(Pass):
                 if value is None:
                     continue
                 replace_uses(out, gs.Constant(out.name, value))
-                remove_nodes(g, [node])
+                node.inputs.clear()
+                node.outputs.clear()
+                dead.append(node)
                 n += 1
+            if dead:  # one sweep per graph: removing each node from the list as found is quadratic
+                remove_nodes(g, dead)
         return n
 
-    def _try_fold(self, root, g, node, tm: TypeMap, out_ids, stats) -> str | None:
+    def _try_fold(self, root, g, node, tm: TypeMap, out_ids, stats, dead: list) -> str | None:
         """Fold ``node`` in place; returns None when folded or not a candidate,
-        else the reason the candidate was skipped."""
+        else the reason the candidate was skipped.  A folded node is detached
+        (no inputs, no outputs) and appended to ``dead``; the caller drops it
+        from ``g.nodes``."""
         if not is_standard(node) or node.op in _NEVER or has_subgraphs(node):
             return None
         live_inputs = [t for t in node.inputs if t.name]
@@ -235,11 +245,14 @@ class FoldConstants(Pass):
         # np.require, not np.ascontiguousarray: that one turns a 0-d result into shape (1,)
         folded = [(out, np.require(v, requirements="C")) for out, v in zip(node.outputs, results) if out.name]
         if len(folded) == 1:
-            replace_with_constant(g, node, folded[0][0], folded[0][1])
+            if replace_with_constant(g, node, folded[0][0], folded[0][1], remove=False):
+                dead.append(node)
         else:
             for out, v in folded:
                 replace_uses(out, gs.Constant(out.name, v))
-            remove_nodes(g, [node])
+            node.inputs.clear()
+            node.outputs.clear()
+            dead.append(node)
         stats["folded"] += 1
         key = "op_" + node.op
         stats[key] = stats.get(key, 0) + 1

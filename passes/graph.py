@@ -18,6 +18,7 @@ from .gs_adapter import LazyValues, lazy_values
 from .tensors import PACKED_4BIT
 
 __all__ = [
+    "CACHE_LIMIT",
     "COMPUTED_LOCATION",
     "ComputedValues",
     "ExternalRows",
@@ -129,6 +130,7 @@ def is_const(t: gs.Tensor | None) -> bool:
 # Lazily loaded constants above this size are read on each use and never kept
 # in the graph, so a pass touching every weight holds one at a time.
 _CACHE_LIMIT = 1 << 20
+CACHE_LIMIT = _CACHE_LIMIT  # const_value keeps loaded values of constants up to this size
 
 
 # onnx < 1.18 maps bfloat16/float8/int4 to structured uint8/uint16 dtypes
@@ -277,7 +279,11 @@ class ComputedValues(LazyValues):
     model writer (``beats_compiler.io.save_model`` with a ``DataFolder``
     holding this object) fills from ``blocks()``; ``load()`` computes the whole
     array.  Subclasses define ``blocks``: C-order slices along axis 0, in order
-    (``dims``: the shape as a tuple of ints)."""
+    (``dims``: the shape as a tuple of ints).  A subclass whose every element
+    is +0 sets ``zeros``: the writer may then leave a hole in the data file
+    (it reads back as zero bytes) instead of writing them."""
+
+    zeros = False
 
     def __init__(self, name: str, dtype: np.dtype, shape: tuple[int, ...]):
         tensor = onnx.TensorProto(name=name, data_type=onnx_dtype(dtype), dims=[int(d) for d in shape])

@@ -23,9 +23,12 @@ the product of the other dims, in order):
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 import json
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import ml_dtypes
@@ -36,6 +39,11 @@ import onnx_graphsurgeon as gs
 from .graph import (ComputedValues, ExternalRows, NameScope, const_dtype, const_value, external_rows, index_of,
                     is_const, is_standard, onnx_dtype, producer, replace_uses)
 from .gs_adapter import LazyValues
+
+try:  # a declared dependency; without it BLAS keeps its own thread count (same bits, slower)
+    from threadpoolctl import ThreadpoolController
+except ImportError:  # pragma: no cover - depends on the environment
+    ThreadpoolController = None
 
 __all__ = [
     "DEFAULT_OPS",
@@ -62,6 +70,7 @@ __all__ = [
     "reinsert",
     "shapes_for",
     "unfold",
+    "zero_delta",
 ]
 
 RECORD_KEY = "beats.reparam"
@@ -284,20 +293,64 @@ _BLOCK_BYTES = 32 << 20
 
 def _row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
     """Blocks of rows (axis 0, contiguous in C order) whose float64 temporaries
-    stay near ``_BLOCK_BYTES``."""
+    stay near ``_BLOCK_BYTES``.  The blocks are part of the result's
+    definition: a rank factorization's ``A @ B`` is one BLAS call per block, and
+    ``apply_delta`` and ``FoldedValues`` use the same blocks, so both give the
+    same bits."""
     rows = int(shape[0])
     row_bytes = max(int(np.prod(shape[1:], dtype=np.int64)) * 8 * 3, 1)  # delta, W block, sum: float64
     step = max(1, _BLOCK_BYTES // row_bytes)
     return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
+class _OneBlasThread:
+    """A context in which BLAS computes on one thread.  A rank factorization's
+    ``A @ B`` is only R deep: split over BLAS's threads on a busy 2-core
+    machine it took 6x longer than on one (the threads wait on each other).
+    Each element is the same dot product either way: the same bits (checked
+    against the multi-threaded reference on full-size weights).  Nested and
+    concurrent uses (fold's worker threads) share one limit, set by the first
+    to enter and restored by the last to leave.  Without threadpoolctl (a
+    declared dependency, imported defensively) BLAS keeps its own thread count."""
+
+    _lock = threading.Lock()
+    _depth = 0
+    _limiter = None
+    _controller = None
+
+    def __enter__(self):
+        if ThreadpoolController is None:
+            return self
+        cls = type(self)
+        with cls._lock:
+            if cls._depth == 0:
+                if cls._controller is None:  # scans the loaded libraries once
+                    cls._controller = ThreadpoolController()
+                cls._limiter = cls._controller.limit(limits=1, user_api="blas")
+            cls._depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        if ThreadpoolController is None:
+            return
+        cls = type(self)
+        with cls._lock:
+            cls._depth -= 1
+            if cls._depth == 0:
+                cls._limiter.restore_original_limits()
+                cls._limiter = None
+
+
 def _delta_rows(rec: Record, shape: tuple[int, ...], values, r0: int, r1: int) -> np.ndarray:
     """Rows ``r0:r1`` (axis 0) of ``D (.) V`` in the weight's layout, in float64.
     Full-size tensors (V; D of ``full``) are only sliced, so they may be
-    ``graph.ExternalRows`` readers; D [out], A and B are arrays."""
+    ``graph.ExternalRows`` readers; D [out], A and B are arrays.  Products are
+    taken in place, operands in the order of ``D (.) V`` (same bits as
+    ``delta``'s out-of-place products)."""
     f64 = np.float64
     if rec.factorization == "full":
-        return values[rec.D][r0:r1].astype(f64) * values[rec.V][r0:r1].astype(f64)
+        out = values[rec.D][r0:r1].astype(f64)
+        return np.multiply(out, values[rec.V][r0:r1].astype(f64), out=out)
     ax, d, nd = rec.axis, values[rec.D], len(shape)
     if rec.factorization == "vector":
         bshape = [1] * nd
@@ -305,65 +358,190 @@ def _delta_rows(rec: Record, shape: tuple[int, ...], values, r0: int, r1: int) -
             bshape[0], d = r1 - r0, d[r0:r1]
         else:
             bshape[ax] = shape[ax]
-        return np.asarray(d, f64).reshape(bshape) * values[rec.V][r0:r1].astype(f64)
+        v = values[rec.V][r0:r1].astype(f64)
+        return np.multiply(np.asarray(d, f64).reshape(bshape), v, out=v)
     rest = [s for i, s in enumerate(shape) if i != ax]
     a, b = values[rec.A], values[rec.B]
     if ax == 0:  # rows are output channels: columns r0:r1 of A @ B
-        mat = (np.asarray(a, f64) @ np.asarray(b[:, r0:r1], f64)) * np.asarray(d[r0:r1], f64)
+        with _OneBlasThread():
+            mat = np.asarray(a, f64) @ np.asarray(b[:, r0:r1], f64)
+        np.multiply(mat, np.asarray(d[r0:r1], f64), out=mat)
         return np.moveaxis(mat.reshape(rest + [r1 - r0]), -1, 0)
     inner = int(np.prod(rest[1:], dtype=np.int64))  # rest[0] is axis 0: rows of A, ``inner`` per row
-    mat = (np.asarray(a[r0 * inner:r1 * inner], f64) @ np.asarray(b, f64)) * np.asarray(d, f64)
+    with _OneBlasThread():
+        mat = np.asarray(a[r0 * inner:r1 * inner], f64) @ np.asarray(b, f64)
+    np.multiply(mat, np.asarray(d, f64), out=mat)
     return np.moveaxis(mat.reshape([r1 - r0] + rest[1:] + [shape[ax]]), -1, ax)
 
 
-def _combine(blk: np.ndarray, dlt: np.ndarray, sign: int) -> np.ndarray:
+def _float_bits(dtype: np.dtype) -> tuple[type, int, int] | None:
+    """(unsigned int type of the same size, |x| bit mask, bits of +inf) of a
+    binary floating-point dtype, None for others."""
+    dtype = np.dtype(dtype)
+    if dtype not in _FLOAT_TYPES:
+        return None
+    uint = {2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize]
+    return uint, (1 << (8 * dtype.itemsize - 1)) - 1, int(np.array(np.inf, dtype).view(uint))
+
+
+def _zero_or_nan(blk: np.ndarray) -> np.ndarray | None:
+    """Where ``blk`` holds +-0 or a NaN (None: not a float dtype we know).
+    These are the only values x for which ``cast(float64(x) +- 0)`` may not
+    give x's bits back: for every other x (finite or infinite) x +- 0 == x
+    exactly and both casts are exact."""
+    bits = _float_bits(blk.dtype)
+    if bits is None:
+        return None
+    uint, mask, inf = bits
+    mag = np.bitwise_and(blk.view(uint), uint(mask))
+    mag -= uint(1)  # wraps 0 to the largest value: |x| == 0 or |x| > inf (NaN) <=> |x| - 1 >= inf
+    return mag >= uint(inf)
+
+
+def _combine(blk: np.ndarray, dlt: np.ndarray, sign: int) -> tuple[np.ndarray, float]:
     """``blk + sign * dlt`` summed in float64, cast back to blk's dtype; where
-    the delta is exactly zero blk's bits are kept (so -0.0 stays -0.0)."""
-    acc = blk.astype(np.float64)
-    (np.add if sign > 0 else np.subtract)(acc, dlt, out=acc)
-    out = acc.astype(blk.dtype)
-    del acc
-    np.copyto(out, blk, where=dlt == 0)
-    return out
+    the delta is exactly zero blk's bits are kept (so -0.0 stays -0.0).
+    Returns it and the largest |dlt|.  ``dlt`` (a fresh float64 array) is
+    overwritten: the sum is taken in its buffer, blk cast to float64 as it is
+    read (exact; the operands in the order ``blk + dlt``, so even NaN
+    payloads are those of ``float64(blk) + dlt``).  The zero-delta mask is
+    only needed where blk is +-0 or NaN (``_zero_or_nan``), so the float64
+    ``dlt == 0`` test runs only on blocks that hold such values."""
+    dlt = np.asarray(dlt, np.float64)  # ``delta`` of a 0-d weight is a numpy scalar
+    biggest = _absmax(dlt)
+    keep = _zero_or_nan(blk)
+    if keep is None:
+        keep = dlt == 0
+    elif keep.any():
+        keep &= dlt == 0
+    else:
+        keep = None
+    (np.add if sign > 0 else np.subtract)(blk, dlt, out=dlt, dtype=np.float64)
+    out = dlt.astype(blk.dtype)
+    if keep is not None:
+        np.copyto(out, blk, where=keep)
+    return out, biggest
 
 
 def _absmax(a: np.ndarray) -> float:
-    return float(np.max(np.abs(a))) if a.size else 0.0
+    """``max |a|`` (NaN when ``a`` holds a NaN), without an ``abs`` temporary."""
+    if not a.size:
+        return 0.0
+    hi, lo = float(np.max(a)), float(np.min(a))
+    return hi if math.isnan(hi) else max(0.0, hi, -lo)
+
+
+_SCAN_BYTES = 64 << 20
+
+
+def _scan(x):
+    """``x`` (an array, or ``graph.ExternalRows``) in row blocks of about
+    ``_SCAN_BYTES``, as arrays numpy's ``isfinite``/``any`` take."""
+    if isinstance(x, ExternalRows):
+        row = max(int(np.prod(x.shape[1:], dtype=np.int64)) * x.dtype.itemsize, 1)
+        step = max(1, _SCAN_BYTES // row)
+        blocks = (x[r0:r0 + step] for r0 in range(0, x.shape[0], step))
+    else:
+        blocks = iter((np.asarray(x),))
+    for blk in blocks:
+        yield blk if blk.dtype.kind in "fiub" else blk.astype(np.float64)  # bfloat16 and friends
+
+
+def _all_zero(x) -> bool:
+    """Every element is +-0 (a NaN is not)."""
+    return not any(np.any(blk) for blk in _scan(x))
+
+
+def _all_finite(x) -> bool:
+    return all(bool(np.isfinite(blk).all()) for blk in _scan(x))
+
+
+def zero_delta(rec: Record, values: dict) -> bool:
+    """Whether ``D (.) V`` is provably +-0 everywhere (no NaN): one factor is
+    all zeros and the others are finite (for a zero D of ``rank``, ``A @ B``
+    must be finite too: |A @ B| <= R * max|A| * max|B|).  Then every folded
+    (or unfolded) weight is W0's bits.  Small factors are checked first;
+    full-size ones (possibly ``ExternalRows``) are read block by block, and
+    the scan stops at the first block that decides."""
+    if rec.factorization == "rank":
+        a, b, d = values[rec.A], values[rec.B], values[rec.D]
+        if not (_all_finite(a) and _all_finite(b) and _all_finite(d)):
+            return False
+        if _all_zero(b) or _all_zero(a):
+            return True
+        if _all_zero(d):
+            af, bf = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            return math.isfinite(max(rec.rank, 1) * _absmax(af) * _absmax(bf))
+        return False
+    d, v = values[rec.D], values[rec.V]
+    return (_all_zero(v) and _all_finite(d)) or (_all_zero(d) and _all_finite(v))
 
 
 def apply_delta(rec: Record, w: np.ndarray, values: dict[str, np.ndarray], sign: int = 1) -> tuple[np.ndarray, float]:
     """``w + sign * D (.) V``, block by block along axis 0, so the temporaries
     stay small next to the weight itself (the same blocks ``FoldedValues``
     writes, so both give the same bits).  Sums run in float64; W's bits are
-    kept wherever the delta is exactly zero.  Returns the new weight and the
-    largest |delta|."""
+    kept wherever the delta is exactly zero (all of them when ``zero_delta``:
+    then nothing is computed).  Returns the new weight and the largest |delta|."""
     out = np.empty_like(w)
     if w.size == 0:
         return out, 0.0
+    if zero_delta(rec, values):
+        out[...] = w
+        return out, 0.0
     if w.ndim == 0:
-        dlt = delta(rec, values)
-        out[...] = _combine(w, dlt, sign)
-        return out, _absmax(dlt)
+        out[...], biggest = _combine(w, delta(rec, values), sign)
+        return out, biggest
     biggest = 0.0
     for r0, r1 in _row_ranges(w.shape):
-        dlt = _delta_rows(rec, w.shape, values, r0, r1)
-        out[r0:r1] = _combine(w[r0:r1], dlt, sign)
-        biggest = max(biggest, _absmax(dlt))
+        out[r0:r1], big = _combine(w[r0:r1], _delta_rows(rec, w.shape, values, r0, r1), sign)
+        biggest = max(biggest, big)
     return out, biggest
+
+
+# Threads that read and compute folded blocks ahead of the writer (numpy's
+# casts and ufuncs and file reads release the GIL); blocks in flight: one more.
+_WORKERS = 2
 
 
 class FoldedValues(ComputedValues):
     """A folded weight ``W0 + D (.) V`` whose W0 stays in its external data
-    file: computed block by block when the model is written (or loaded)."""
+    file: computed block by block when the model is written (or loaded).  The
+    delta is computed once per block, for the sum and for the largest |delta|,
+    which is set (``max_abs_delta``, and ``entry["max_abs_delta"]`` of the
+    fold's report entry, when given) once every block has been computed.
+    ``_WORKERS`` threads read and compute the next blocks while the caller
+    writes this one; blocks come out in order."""
 
-    def __init__(self, rec: Record, w0: ExternalRows, values: dict):
+    def __init__(self, rec: Record, w0: ExternalRows, values: dict, entry: dict | None = None):
         super().__init__(rec.weight, w0.dtype, w0.shape)
-        self.rec, self.w0, self.values = rec, w0, values
+        self.rec, self.w0, self.values, self.entry = rec, w0, values, entry
+        self.max_abs_delta: float | None = None
+
+    def _block(self, r0: int, r1: int) -> tuple[np.ndarray, float]:
+        return _combine(self.w0[r0:r1], _delta_rows(self.rec, self.w0.shape, self.values, r0, r1), 1)
 
     def blocks(self):
-        shape = self.w0.shape
-        for r0, r1 in _row_ranges(shape):
-            yield _combine(self.w0[r0:r1], _delta_rows(self.rec, shape, self.values, r0, r1), 1)
+        biggest = 0.0
+        pending: collections.deque = collections.deque()
+        with ThreadPoolExecutor(_WORKERS, thread_name_prefix="beats-fold") as pool:
+            try:
+                for r0, r1 in _row_ranges(self.w0.shape):
+                    pending.append(pool.submit(self._block, r0, r1))
+                    if len(pending) > _WORKERS:
+                        out, big = pending.popleft().result()
+                        biggest = max(biggest, big)
+                        yield out
+                while pending:
+                    out, big = pending.popleft().result()
+                    biggest = max(biggest, big)
+                    yield out
+            finally:  # the caller stopped early (an error): nothing more is computed
+                for f in pending:
+                    f.cancel()
+        self.max_abs_delta = biggest
+        if self.entry is not None:
+            self.entry["max_abs_delta"] = biggest
 
 
 # --------------------------------------------------------------------------- sites
@@ -590,6 +768,8 @@ class _NormalValues(ComputedValues):
 
 
 class _ZeroValues(ComputedValues):
+    zeros = True  # +0.0 everywhere: all bytes zero
+
     def __init__(self, name: str, shape: tuple[int, ...]):
         super().__init__(name, np.dtype(np.float32), shape)
 
@@ -762,10 +942,13 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
     """Fold every record: ``W0 + D (.) V`` under W0's name, inserted nodes and
     tensors removed.  ``values`` overrides the D/V tensors stored in the graph
     (trained values from a file).  ``stream``: a W0 still in its external data
-    file is not read here; its folded weight becomes a ``FoldedValues``
-    (computed block by block when the model is written), and full-size D/V
-    kept in external data are read a block at a time.  Returns one entry per
-    folded weight."""
+    file is not read here: where the delta is provably zero (``zero_delta``:
+    an untrained insert) W0 itself is kept, so the writer copies its bytes;
+    otherwise its folded weight becomes a ``FoldedValues`` (computed block by
+    block when the model is written), and full-size D/V kept in external data
+    are read a block at a time.  Returns one entry per folded weight: its name
+    and ``max_abs_delta``, which for a ``FoldedValues`` is None until the
+    weight is computed (the model written or loaded)."""
     tensors = graph.tensors()
     folded = []
     for rec in records:
@@ -783,18 +966,19 @@ def fold(graph: gs.Graph, records: list[Record], values: dict[str, np.ndarray] |
         _check_shapes(rec, vals)
         w = _weight_of(tensors, rec)
         w0 = external_rows(w) if stream else None
-        if w0 is not None and int(np.prod(w0.shape)) > 0:
-            new_w = gs.Constant(rec.weight, FoldedValues(rec, w0, vals))
-            biggest = 0.0
-            for r0, r1 in _row_ranges(w0.shape):  # the delta only: W0 is read when written
-                biggest = max(biggest, _absmax(_delta_rows(rec, w0.shape, vals, r0, r1)))
+        entry = {"weight": rec.weight, "max_abs_delta": 0.0}
+        if w0 is not None and zero_delta(rec, vals):
+            new_w = w  # W0's bytes, copied from its data file as they are when the model is written
+        elif w0 is not None and int(np.prod(w0.shape)) > 0:
+            entry["max_abs_delta"] = None  # set as the folded weight is computed (written)
+            new_w = gs.Constant(rec.weight, FoldedValues(rec, w0, vals, entry))
         else:
             vals = {k: (v[0:v.shape[0]] if isinstance(v, ExternalRows) else v) for k, v in vals.items()}
-            new_value, biggest = apply_delta(rec, const_value(w), vals)
+            new_value, entry["max_abs_delta"] = apply_delta(rec, const_value(w), vals)
             new_w = _as_constant(rec.weight, new_value)
             del new_value
-        _remove_inserted(graph, rec, w, new_w)
-        folded.append({"weight": rec.weight, "max_abs_delta": biggest})
+        _remove_inserted(graph, rec, w, new_w, tensors)
+        folded.append(entry)
     return folded
 
 
@@ -831,7 +1015,10 @@ def _weight_of(tensors: dict, rec: Record) -> gs.Constant:
     return w
 
 
-def _remove_inserted(graph: gs.Graph, rec: Record, w_old: gs.Constant, w_new: gs.Constant) -> None:
+def _remove_inserted(graph: gs.Graph, rec: Record, w_old: gs.Constant, w_new: gs.Constant,
+                     tensors: dict[str, gs.Tensor]) -> None:
+    """``tensors``: the graph's tensors by name before the fold (this record's
+    inserted tensors are still those; a map rebuilt per record is quadratic)."""
     ids = set(rec.nodes)
     inserted = [n for n in graph.nodes if n.name in ids]
     if not inserted:  # a base model and an adapter: only the weight changes
@@ -840,7 +1027,6 @@ def _remove_inserted(graph: gs.Graph, rec: Record, w_old: gs.Constant, w_new: gs
     if len(inserted) != len(ids):
         missing = ids - {n.name for n in inserted}
         raise ReparamError(f"weight {rec.weight!r}: inserted nodes {', '.join(sorted(missing))} are missing from the model")
-    tensors = graph.tensors()
     if rec.layout == "weight":
         eff = tensors.get(rec.effective)
         if eff is None:

@@ -12,7 +12,7 @@ import onnx_graphsurgeon as gs
 
 from .base import cached_analysis
 from .convert import export_skeleton, proto_subgraphs
-from .graph import const_dtype, const_shape, io_ids, is_const, replace_uses
+from .graph import const_dtype, const_shape, io_ids, is_const, iter_graphs, replace_uses
 
 __all__ = ["Dim", "TypeMap", "infer_types", "replace_with_constant", "shape_slice"]
 
@@ -213,8 +213,24 @@ def infer_types(graph: gs.Graph) -> TypeMap:
     Inside a ``PassManager`` run, a map computed by an earlier pass is reused
     while no pass has modified the graph since (each caller gets its own copy).
     """
-    tm, _reused = cached_analysis(graph, "infer_types", lambda: _infer_types(graph))
+    tm, _reused = cached_analysis(graph, "infer_types", lambda: _infer_types(graph),
+                                  revalidate=lambda old: _kept_names(graph, old))
     return TypeMap(dict(tm.elem), dict(tm.shapes), tm.error)
+
+
+def _kept_names(graph: gs.Graph, tm: TypeMap) -> TypeMap:
+    """``tm`` without the tensors the graph no longer holds: what inference
+    gives after a modification that kept every other tensor's type (a merge of
+    identical constants removes names and changes nothing else)."""
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(t.name for t in g.inputs)
+        names.update(t.name for t in g.outputs)
+        for node in g.nodes:
+            names.update(t.name for t in node.inputs)
+            names.update(t.name for t in node.outputs)
+    return TypeMap({k: v for k, v in tm.elem.items() if k in names},
+                   {k: v for k, v in tm.shapes.items() if k in names}, tm.error)
 
 
 def _infer_types(graph: gs.Graph) -> TypeMap:
@@ -232,11 +248,15 @@ def _infer_types(graph: gs.Graph) -> TypeMap:
     return tm
 
 
-def replace_with_constant(graph: gs.Graph, node: gs.Node, out: gs.Tensor, value: np.ndarray) -> None:
+def replace_with_constant(graph: gs.Graph, node: gs.Node, out: gs.Tensor, value: np.ndarray, *,
+                          remove: bool = True) -> bool:
     """Replace ``node`` (single live output ``out``) by the constant ``value``.
 
     A graph output keeps its name and becomes a ``Constant`` node; anything
-    else becomes an initializer that takes over the output's name.
+    else becomes an initializer that takes over the output's name.  Returns
+    whether ``node`` was detached (no inputs or outputs left); with ``remove``
+    False it is left in ``graph.nodes`` for the caller to drop (a caller that
+    folds many nodes drops them in one sweep instead of one list scan each).
     """
     _, out_ids = io_ids(graph)
     if id(out) in out_ids:
@@ -245,14 +265,16 @@ def replace_with_constant(graph: gs.Graph, node: gs.Node, out: gs.Tensor, value:
         node.inputs.clear()
         node.outputs = [out]
         node.attrs = {"value": gs.Constant(out.name + "_value", np.asarray(value))}
-        return
+        return False
     const = gs.Constant(out.name, np.asarray(value))
     replace_uses(out, const)
-    # remove_nodes(graph, [node]) for one node: an identity test per node
-    # instead of a set lookup (folding calls this once per folded node)
     node.inputs.clear()
     node.outputs.clear()
-    graph.nodes = [n for n in graph.nodes if n is not node]
+    if remove:
+        # remove_nodes(graph, [node]) for one node: an identity test per node
+        # instead of a set lookup
+        graph.nodes = [n for n in graph.nodes if n is not node]
+    return True
 
 
 def shape_slice(rank: int, start: int, end: int | None) -> range:

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import networkx as nx
 import onnx_graphsurgeon as gs
 
 from ..graph import has_subgraphs, is_standard
@@ -85,6 +84,8 @@ def plan(graph: gs.Graph, loss: str, wrt: Sequence[str], types: TypeMap | None =
                 if o.name and (_is_float(types, o) or (rule_for(node) is None and types.dtype(o) is None)):
                     live.add(o.name)
     # Backward: the loss's ancestors on the tensor/node graph.
+    import networkx as nx  # here, not at the top: the pass registry imports this module on every compile
+
     g = nx.DiGraph()
     for k, node in enumerate(graph.nodes):
         for t in node.inputs:

@@ -76,8 +76,9 @@ def test_modification_invalidates_and_a_second_request_in_a_pass_recomputes(monk
     calls, seen = counting(monkeypatch), []
     PassManager([Probe(seen), ToDouble(seen), Probe(seen)]).run(graph())
     # round 1: probe (computed), to_double before (reused) and after its edit
-    # (recomputed), probe (recomputed after the modification); round 2: reused
-    assert seen == [np.float32, np.float32, np.float64, np.float64, np.float64, np.float64]
+    # (recomputed), probe (recomputed after the modification); round 2: the first
+    # probe reused; the last probe is not run again (nothing changed since its run)
+    assert seen == [np.float32, np.float32, np.float64, np.float64, np.float64]
     assert len(calls) == 3
 
 
@@ -109,3 +110,49 @@ def test_data_prop_bound_of_a_mul_chain_saturates():
     g, _ = to_graph(make_model(nodes, [vi("x", [1000])], [vi("y", [1000])],
                                {"w": np.zeros((10, 100), np.float32), "s": np.array([1000], np.int64)}))
     assert infer_types(g).static_shape(g.outputs[0]) == (1000,)
+
+
+def test_merge_of_identical_constants_keeps_the_inference_minus_removed_names(monkeypatch):
+    from passes.dedupe_initializers import DedupeInitializers
+
+    calls, seen = counting(monkeypatch), []
+    w = np.arange(4, dtype=np.float32)
+    g, _ = to_graph(make_model([H("Add", ["x", "a"], ["s"]), H("Mul", ["s", "b"], ["y"])],
+                               [vi("x", [4])], [vi("y", [4])], {"a": w, "b": w.copy()}))
+
+    class Names(Pass):
+        name = "names"
+
+        def call(self, graph):
+            tm = infer_types(graph)
+            seen.append(({"a", "b", "s", "x", "y"} & set(tm.elem), tm.static_shape(graph.outputs[0])))
+            return PassResult(False, {})
+
+    rep = PassManager([Names(), DedupeInitializers(), Names()]).run(g)
+    assert [r.modified for r in rep.records][:3] == [False, True, False]
+    # one inference: reused after the merge, without the merged-away name
+    assert len(calls) == 1
+    assert seen[0] == ({"a", "b", "s", "x", "y"}, (4,))
+    assert seen[1] in (({"a", "s", "x", "y"}, (4,)), ({"b", "s", "x", "y"}, (4,)))
+    # the same as inference computed afresh on the merged graph
+    fresh = shapes._infer_types(g)
+    assert set(fresh.elem) & {"a", "b", "s", "x", "y"} == seen[1][0]
+
+
+def test_skeleton_reuses_a_node_export_only_while_the_node_is_the_same():
+    from passes.convert import export_skeleton
+
+    g, _ = to_graph(make_model([H("LeakyRelu", ["x"], ["y"], alpha=0.0)], [vi("x", [2])], [vi("y", [2])]))
+    node = g.nodes[0]
+
+    def alpha():
+        return export_skeleton(g, 1024).graph.node[0].attribute[0]
+
+    first = alpha()
+    assert first.f == 0.0 and str(first.f) == "0.0"
+    node.attrs["alpha"] = -0.0  # equal as a float, other bits: exported anew
+    assert str(alpha().f) == "-0.0"
+    node.attrs["alpha"] = 0.5
+    assert alpha().f == 0.5
+    node.outputs[0].name = "z"
+    assert export_skeleton(g, 1024).graph.node[0].output == ["z"]

@@ -209,3 +209,38 @@ def test_idempotent_pass_passes_the_check_and_records_one_run():
     rep = PassManager([p], check_idempotent=True).run(graph())
     assert rep.converged and rep.rounds == 2
     assert [(r.round, r.modified, r.stats) for r in rep.records] == [(1, True, {"changed": 1}), (2, False, {"changed": 0})]
+
+
+class Tally(Pass):
+    """Counts its runs; never modifies; its stats say how many it found (``found``)."""
+
+    name = "tally"
+
+    def __init__(self, found=0, idempotent=True):
+        self.runs = 0
+        self.found = found
+        self.idempotent = idempotent
+
+    def call(self, graph):
+        self.runs += 1
+        return PassResult(False, {"found": self.found})
+
+
+def test_idle_pass_on_an_unchanged_graph_is_not_run_again():
+    # round 1: tally (idle), countdown modifies; round 2: tally runs (the graph
+    # changed since), countdown idle; round 3 would be the same as round 2 ...
+    late, early = Tally(found=7), Tally(found=5)
+    rep = PassManager([early, Countdown(1), late]).run(graph())
+    assert rep.converged and rep.rounds == 2
+    assert early.runs == 2  # countdown modified after its first run
+    assert late.runs == 1  # nothing modified since its round-1 run: skipped in round 2
+    # ... and the skipped run's record says what the run would have said
+    assert [(r.name, r.round, r.modified, r.stats) for r in rep.records if r.name == "tally"] == [
+        ("tally", 1, False, {"found": 5}), ("tally", 1, False, {"found": 7}),
+        ("tally", 2, False, {"found": 5}), ("tally", 2, False, {"found": 7})]
+
+
+def test_non_idempotent_pass_always_runs_again():
+    late = Tally(idempotent=False)
+    PassManager([Countdown(1), late]).run(graph())
+    assert late.runs == 2
