@@ -201,7 +201,9 @@ def verify(
     """Run ``original`` and ``result`` on the same inputs and compare every output.
 
     ``optimize``: ONNX Runtime's graph optimizations for both sessions (True: all,
-    "extended": without the CPU-only layout level, False: none).
+    "extended": without the CPU-only layout level, False: none); models run one at
+    a time always run with none (their fused kernels' rounding would depend on
+    where a segment ends).
 
     ``memory_budget``: weight bytes per segment when the models are run one at
     a time (see ``_one_at_a_time``); given, the models are always run so.
@@ -218,8 +220,12 @@ def verify(
     one_at_a_time = _one_at_a_time(original, original_path, result, memory_budget, scope)
     if one_at_a_time is not None:
         budget, partial = one_at_a_time
+        # ORT's own rewrites off: its fused kernels (layer norms, GELU, attention) round
+        # differently from the ops they replace, and which of them a segment gets depends on
+        # where it ends, so two models cut in different places would differ by that
+        # rounding (a float16 decoder: 1e-3).  Each op runs as its graph says.
         return _verify_one_at_a_time(original, original_path, result, base_dir, budget, inputs, rtol, atol,
-                                     seed, optimize, partial)
+                                     seed, False, partial)
     try:
         s_orig = Session(original, original_path, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
