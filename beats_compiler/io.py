@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import onnx
 import numpy as np
@@ -18,7 +20,8 @@ from passes.tensors import tensor_nbytes
 
 from .errors import InputError, short_message
 from .proto import PROTOBUF_LIMIT, copy_except, is_repeated, model_shell
-from .validate import Limits, UnsortedGraph, read_model_file, sort_nodes, validate_model
+from .validate import Limits, UnsortedGraph, read_model_file_sizes, sort_nodes, validate_model
+from .wire import write_model
 
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
 
@@ -110,14 +113,14 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
     call for) and, with ``lazy``, left on disk: the model keeps references,
     read one tensor at a time when needed."""
     p = Path(path)
-    model, size = read_model_file(p)
+    model, size, raw_sizes = read_model_file_sizes(p)
     notes: list[str] = []
     try:
-        validate_model(model, limits or Limits(), str(p))
+        validate_model(model, limits or Limits(), str(p), raw_sizes=raw_sizes)
     except UnsortedGraph:
-        if not sort_nodes(model):
+        if not sort_nodes(model):  # reorders nodes only: the initializers' sizes still hold
             raise
-        validate_model(model, limits or Limits(), str(p))
+        validate_model(model, limits or Limits(), str(p), raw_sizes=raw_sizes)
         notes.append("the input's nodes were not in topological order: sorted (ONNX Runtime sorts them too)")
     base = p.parent
     files: dict[Path, None] = {}
@@ -248,24 +251,38 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
                 raise InputError(f"{data}: exists and is not a regular file; refusing to replace it")
             folder = base_dir if isinstance(base_dir, DataFolder) or base_dir is None else Path(base_dir)
             return _save_external(model, out, parent, folder)
-        atomic_write_bytes(out, model.SerializeToString(deterministic=True))
+        # The bytes of SerializeToString(deterministic=True), the weights
+        # written from the model's own raw_data (``wire``): encoding a 600 MB
+        # model whole costs seconds.
+        atomic_write(out, lambda f: write_model(model, f))
     except OSError as exc:
         raise InputError(f"{out}: cannot write ({exc.strerror or exc})") from None
     return SavedModel(out, None, out.stat().st_size)
 
 
 _ALIGN = 4096
-_CHUNK = 16 << 20
+_CHUNK = 16 << 20  # read/write copies: one reused buffer of this size
+_COPY_CALL = 1 << 30  # bytes asked of one copy_file_range call
+# copy_file_range refusals that mean "not between these files" (another file
+# system on old kernels, a file system without it, no such call): copy through
+# user space instead.  Anything else (a full disk, an I/O error) is an error.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF,
+                   errno.EPERM}
 
 
 class _DataWriter:
     """Appends tensor bytes to the data file, page-aligned, and rewrites each
-    tensor as a reference to it."""
+    tensor as a reference to it.  Tensors already in a data file are copied in
+    the kernel (``os.copy_file_range``, large calls), computed ones are written
+    a block at a time, all-zero computed ones are left as holes; ``finish``
+    gives the file its length.  The caller fsyncs once, at the end."""
 
     def __init__(self, f, location: str, base_dir: Path | DataFolder | None):
         self.f, self.location, self.base_dir = f, location, base_dir
         self.computed = base_dir.computed if isinstance(base_dir, DataFolder) else {}
         self.offset = 0
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        self._buf: memoryview | None = None
 
     def _start(self) -> int:
         pad = (-self.offset) % _ALIGN
@@ -289,12 +306,18 @@ class _DataWriter:
             self.copy_external(t)
 
     def write_computed(self, t: onnx.TensorProto) -> None:
-        """Compute ``t`` (a ``ComputedValues`` placeholder) block by block into the file."""
+        """Compute ``t`` (a ``ComputedValues`` placeholder) block by block into
+        the file; an all-zero one (``zeros``) becomes a hole, not written."""
         src = self.computed.get(t.name)
         if src is None or list(src.tensor.dims) != list(t.dims) or src.tensor.data_type != t.data_type:
             raise InputError(f"tensor {t.name!r} is computed as the model is written, but its source is not given: "
                              "save the result with the base_dir it came with (CompileResult.save)")
         start = self._start()
+        if src.zeros:
+            self.offset += src.nbytes_total
+            self.f.seek(self.offset)  # reads back as zero bytes; ``finish`` sets the length
+            self._ref(t, start, src.nbytes_total)
+            return
         try:
             for blk in src.blocks():
                 b = np.ascontiguousarray(blk, dtype=src.np_dtype)
@@ -312,21 +335,54 @@ class _DataWriter:
         if self.base_dir is None:
             raise InputError(f"tensor {t.name!r} references external data, but no folder to read it from was given")
         try:
-            g, offset, left = open_external(t, self.base_dir)
+            g, offset, length = open_external(t, self.base_dir)
         except ExternalDataError as exc:
             raise InputError(f"tensor {t.name!r}: {exc}") from None
         start = self._start()
         with g:
-            g.seek(offset)
-            total = left
-            while left > 0:
-                block = g.read(min(_CHUNK, left))
-                if not block:
-                    raise InputError(f"tensor {t.name!r}: external data ends early")
-                self.f.write(block)
-                left -= len(block)
-        self.offset += total
-        self._ref(t, start, total)
+            self._copy(g, offset, length, t.name)
+        self.offset += length
+        self._ref(t, start, length)
+
+    def _copy(self, g, src_offset: int, length: int, name: str) -> None:
+        """Append ``length`` bytes of ``g`` from ``src_offset`` on at
+        ``self.offset``: in the kernel where it can (no pass through user
+        space; extents shared where the file system does that), else through
+        one reused buffer."""
+        done = 0
+        if self.kernel_copy and length:
+            self.f.flush()
+            fd_in, fd_out = g.fileno(), self.f.fileno()
+            try:
+                while done < length:
+                    n = os.copy_file_range(fd_in, fd_out, min(length - done, _COPY_CALL), src_offset + done,
+                                           self.offset + done)
+                    if n == 0:  # the end of the file, or a file system that copies nothing this way:
+                        self.kernel_copy = False  # read/write finds out (and refuses a short file)
+                        break
+                    done += n
+            except OSError as exc:
+                if exc.errno not in _NO_KERNEL_COPY:
+                    raise
+                self.kernel_copy = False  # the rest, and every later tensor, through user space
+            self.f.seek(self.offset + done)
+        if done < length:
+            if self._buf is None:
+                self._buf = memoryview(bytearray(_CHUNK))
+            g.seek(src_offset + done)
+            while done < length:
+                view = self._buf[:min(_CHUNK, length - done)]
+                n = g.readinto(view)
+                if not n:
+                    raise InputError(f"tensor {name!r}: external data ends early")
+                self.f.write(view[:n])
+                done += n
+
+    def finish(self) -> None:
+        """Flush, and give the file its full length (it may end in a hole)."""
+        self.f.flush()
+        if os.fstat(self.f.fileno()).st_size != self.offset:
+            self.f.truncate(self.offset)
 
     def move_inline(self, src: onnx.TensorProto, dst: onnx.TensorProto) -> None:
         """Write ``src``'s bytes to the data file; ``dst`` (empty) becomes the
@@ -381,9 +437,9 @@ def _save_external(model: onnx.ModelProto, out: Path, parent: Path, base_dir: Pa
                 if external_data_helper.uses_external_data(t):
                     writer.add_external(t)
                     wrote_data = True
+            writer.finish()
             _default_mode(f.fileno())
-            f.flush()
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # once, for the whole file
         model_tmp = tmpdir / out.name
         with open(model_tmp, "wb") as f:
             f.write(shell.SerializeToString(deterministic=True))
@@ -422,6 +478,13 @@ def _default_mode(fd: int) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync it and
+    rename it to ``path``; on any error the temporary file is removed (and
+    ``path`` left as it was), an ``OSError`` raised as a one-line ``InputError``."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{path}: folder {parent} does not exist")
@@ -432,7 +495,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         _default_mode(fd)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
