@@ -160,6 +160,7 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
             base_dir=base_dir,
             memory_budget=verify.memory,
             scope=verify.scope,
+            original_model=original if (loaded is not None and done.reference is None) else None,
         )
     warnings = (list(loaded.notes) if loaded is not None else []) + list(done.warnings or [])
     if not done.converged:
@@ -198,7 +199,7 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
         command=command,
         reparam=done.reparam,
     )
-    if ver is not None and ver.method != "side by side" and (bisect or not ver.verified):
+    if ver is not None and ver.too_large and (bisect or not ver.verified):
         # the search holds both models in ORT sessions, pass after pass: what the
         # one-at-a-time verification was chosen to avoid
         report.culprit = culprits.culprit_dict(

@@ -424,6 +424,8 @@ class FeedSession:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         elif self.optimize == "extended":
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        elif self.optimize == "basic":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         return so
 
     def _run_segment(self, s: Segment, values: Mapping[str, Any]) -> dict[str, Any]:

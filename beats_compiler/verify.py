@@ -20,6 +20,7 @@ from passes.graph import is_computed_ref
 
 from .inputs import InputGenerator
 from .io import needs_external_data, save_model
+from .wire import model_bytes
 from .runner import DEFAULT_BUDGET, FeedSession, NotRunnable, available_memory, weight_bytes
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)
@@ -71,6 +72,9 @@ class Verification:
     # how the two models were run: "side by side" (two sessions, latency timed) or
     # "one at a time, ..." (runner.FeedSession: sequential, in segments when large)
     method: str = "side by side"
+    # run one at a time because two sessions side by side would not fit (the culprit
+    # search, which holds both, is then skipped)
+    too_large: bool = False
 
 
 def quiet_session_options():
@@ -98,13 +102,15 @@ class Session:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         elif optimize == "extended":
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        elif optimize == "basic":
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if path is not None:
             src: Any = str(path)
         elif needs_external_data(model) or uses_external_refs(model):
             self._tmp = tempfile.mkdtemp(prefix="beats-verify-")
             src = str(save_model(model, Path(self._tmp) / "model.onnx", external_data=True, base_dir=base_dir).path)
         else:
-            src = model.SerializeToString()
+            src = model_bytes(model)  # the weights joined, not encoded through protobuf
         self.sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
     def close(self) -> None:
@@ -197,14 +203,19 @@ def verify(
     optimize: bool | str = True,
     memory_budget: int | None = None,
     scope: str = "auto",
+    original_model: onnx.ModelProto | None = None,
 ) -> Verification:
     """Run ``original`` and ``result`` on the same inputs and compare every output.
 
     ``optimize``: ONNX Runtime's graph optimizations for both sessions (True: all,
     "extended": without the CPU-only layout level, False: none); models run one at
-    a time always run with none (their fused kernels' rounding would depend on
-    where a segment ends).
+    a time because of their size always run with none (their fused kernels'
+    rounding would depend on where a segment ends); without ``measure_latency``
+    both run at ORT's basic level (True means the deployment level, which only a
+    latency measurement needs).
 
+    ``original_model``: the original already in memory when ``original`` is
+    given by path (weights-fed runs use it instead of reading the file again).
     ``memory_budget``: weight bytes per segment when the models are run one at
     a time (see ``_one_at_a_time``); given, the models are always run so.
     ``scope``: "full" runs every output, "partial" the outputs that need the
@@ -224,8 +235,24 @@ def verify(
         # differently from the ops they replace, and which of them a segment gets depends on
         # where it ends, so two models cut in different places would differ by that
         # rounding (a float16 decoder: 1e-3).  Each op runs as its graph says.
-        return _verify_one_at_a_time(original, original_path, result, base_dir, budget, inputs, rtol, atol,
-                                     seed, False, partial)
+        ver = _verify_one_at_a_time(original if original is not None else original_model, original_path, result,
+                                    base_dir, budget, inputs, rtol, atol, seed, False, partial)
+        ver.too_large = True
+        return ver
+    if optimize is True and not measure_latency:
+        # Sessions at the deployment level only when their speed is measured: ORT's
+        # layout and fusion levels are not what is being checked, and optimizing both
+        # models, or handing ORT their weights to copy, costs about what ORT's whole
+        # offline optimization does.  So: one at a time, weights fed, ORT's basic level
+        # (constant folding of what is not fed: a float16 weight computed from small
+        # constants then meets the same MatMul kernel as its folded twin); a graph the
+        # feeds cannot run goes side by side.
+        try:
+            return _verify_one_at_a_time(original if original is not None else original_model, original_path,
+                                         result, base_dir, DEFAULT_BUDGET, inputs, rtol, atol, seed, "basic",
+                                         fallback=True)
+        except NotRunnable:
+            optimize = "basic"
     try:
         s_orig = Session(original, original_path, base_dir=base_dir, optimize=optimize)
     except Exception as exc:
@@ -273,10 +300,12 @@ def _one_at_a_time(original, original_path, result, memory_budget: int | None,
     return (int(memory_budget) if memory_budget is not None else DEFAULT_BUDGET), partial
 
 
-def _feed_session(model, base_dir, budget, optimize, what: str, outputs=None) -> FeedSession:
+def _feed_session(model, base_dir, budget, optimize, what: str, outputs=None, fallback=False) -> FeedSession:
     try:
         return FeedSession(model, base_dir, budget=budget, optimize=optimize, outputs=outputs)
     except NotRunnable as exc:
+        if fallback:
+            raise
         raise InputError(f"cannot verify the {what} model one segment at a time ({exc}); "
                          f"use --no-verify to skip") from None
 
@@ -388,7 +417,9 @@ def _tensor_len(t: onnx.TensorProto) -> int:
 
 
 def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inputs, rtol, atol, seed, optimize,
-                          partial: bool = False):
+                          partial: bool = False, fallback: bool = False):
+    """``fallback``: a graph the feeds cannot run raises ``NotRunnable`` (the caller
+    then runs two ordinary sessions) instead of an ``InputError``."""
     if original is None:
         try:
             ref = onnx.load(str(original_path), load_external_data=False)
@@ -402,8 +433,8 @@ def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inp
         probe = _feed_session(ref, ref_dir, budget, optimize, "original")
         outputs, covered = _partial_outputs(probe, 2 * budget)
         del probe
-    s_orig = _feed_session(ref, ref_dir, budget, optimize, "original", outputs)
-    s_new = _feed_session(result, base_dir, budget, optimize, "compiled", outputs)
+    s_orig = _feed_session(ref, ref_dir, budget, optimize, "original", outputs, fallback)
+    s_new = _feed_session(result, base_dir, budget, optimize, "compiled", outputs, fallback)
     _check_fits([s_orig, s_new])
     gen = None if inputs is not None else InputGenerator(s_orig.get_inputs(), ref, seed)
     if inputs is not None and outputs is not None:
@@ -412,13 +443,13 @@ def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inp
         inputs = {k: v for k, v in inputs.items() if k in used or k not in {vi.name for vi in ref.graph.input}}
     try:
         ver = _verify_sessions(s_orig, s_new, inputs, rtol, atol, False, 0.0, 0, seed, generator=gen)
-    except InputError:
+    except (InputError, NotRunnable):
         raise
     except Exception as exc:  # the original fails in a segment
         raise InputError(f"cannot verify: the original model fails on ONNX Runtime ({short_message(exc)}); "
                          "use --no-verify to skip") from None
     parts = max(len(s_orig.segments), len(s_new.segments))
-    how = ("one at a time, weights fed from their files"
+    how = ("one at a time, weights fed as inputs"
            + (f", in {parts} segments of at most {_gib(max(s_orig.largest_segment, s_new.largest_segment))} "
               f"of weights" if parts > 1 else ""))
     if outputs is None:
@@ -477,6 +508,8 @@ def pick_generated(so, generator: InputGenerator):
     for cand in generator.candidates():
         try:
             out = so.run(None, cand.feeds)
+        except NotRunnable:
+            raise
         except Exception as exc:
             errors.append(" ".join(str(exc).split()))
             continue
@@ -543,6 +576,8 @@ def _verify_sessions(so, sn, inputs, rtol, atol, measure_latency, budget, runs, 
     out_names = [o.name for o in so.get_outputs()]
     try:
         got = sn.run(out_names, feeds)
+    except NotRunnable:
+        raise
     except Exception as exc:
         diff = OutputDiff("<run>", False, float("inf"), float("inf"), f"compiled model fails on ONNX Runtime: {short_message(exc)}")
         return Verification(False, float("inf"), float("inf"), rtol, atol, [diff], None, None, shapes, input_source,

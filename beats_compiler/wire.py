@@ -22,7 +22,7 @@ from google.protobuf import unknown_fields
 
 from .proto import copy_except
 
-__all__ = ["model_pieces", "write_model"]
+__all__ = ["model_bytes", "model_pieces", "write_model"]
 
 _GRAPH = 7  # ModelProto.graph
 _INITIALIZER = 5  # GraphProto.initializer
@@ -215,3 +215,16 @@ def write_model(model: onnx.ModelProto, f: BinaryIO) -> int:
     if written != total:
         raise RuntimeError(f"wrote {written} bytes of a model of {total}")
     return written
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """``model.SerializeToString(deterministic=True)``, the weights copied once
+    (joined from ``model_pieces``) instead of encoded through protobuf."""
+    plan = model_pieces(model)
+    if plan is None:
+        return model.SerializeToString(deterministic=True)
+    total, pieces = plan
+    data = b"".join(p for p in pieces if p)
+    if len(data) != total:
+        raise RuntimeError(f"joined {len(data)} bytes of a model of {total}")
+    return data
