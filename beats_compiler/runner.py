@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from passes.graph import is_computed_ref
+from passes.tensors import tensor_nbytes
 
 # Initializers at least this big are fed at run time; smaller ones stay in the
 # segment's model (shape constants must stay constants for some kernels).
@@ -88,24 +89,32 @@ def _np_dtype(t: onnx.TensorProto) -> np.dtype | None:
 
 
 def _nbytes(t: onnx.TensorProto) -> int:
-    for e in t.external_data:
-        if e.key == "length":
-            return int(e.value)
-    if t.HasField("raw_data"):
-        return len(t.raw_data)
-    n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
-    dt = _np_dtype(t)
-    return n * (dt.itemsize if dt is not None else 4)
+    return tensor_nbytes(t, external_length=True) or 0
 
 
-def _external_info(t: onnx.TensorProto) -> dict[str, str]:
-    return {e.key: e.value for e in t.external_data}
-
-
-def _folder(base_dir) -> Path | None:
-    if base_dir is None:
+def external_range(t: onnx.TensorProto, folder) -> tuple[Path, int, int | None] | None:
+    """Where ``t``'s bytes lie when it is stored in an external data file under
+    ``folder``: (path, offset, length or None for "to the end"); None for an
+    inline tensor, a computed one, or no folder."""
+    if t.data_location != onnx.TensorProto.EXTERNAL or folder is None or is_computed_ref(t):
         return None
-    return Path(os.fspath(base_dir))
+    info = {e.key: e.value for e in t.external_data}
+    if "location" not in info:
+        return None
+    length = info.get("length")
+    return (Path(os.fspath(folder)) / info["location"], int(info.get("offset", 0) or 0),
+            int(length) if length is not None else None)
+
+
+def graph_level(optimize: bool | str):
+    """ORT's graph optimization level for ``optimize``: True all, "extended",
+    "basic", False none."""
+    import onnxruntime as ort
+
+    levels = {True: ort.GraphOptimizationLevel.ORT_ENABLE_ALL, False: ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC}
+    return levels[optimize if optimize in ("extended", "basic") else bool(optimize)]
 
 
 def _subgraph_free_names(g: onnx.GraphProto) -> set[str]:
@@ -204,7 +213,7 @@ class FeedSession:
                  optimize: bool | str = True, outputs: Sequence[str] | None = None):
         self.model = model
         self.base_dir = base_dir
-        self.folder = _folder(base_dir)
+        self.folder = None if base_dir is None else Path(os.fspath(base_dir))
         self.budget = max(int(budget), 1)
         self.optimize = optimize
         g = model.graph
@@ -361,11 +370,10 @@ class FeedSession:
                 raise NotRunnable(f"tensor {name!r} is computed when written, but its source is not given")
             return np.ascontiguousarray(src.load(), dtype)
         if t.data_location == onnx.TensorProto.EXTERNAL:
-            info = _external_info(t)
-            if self.folder is None:
+            where = external_range(t, self.folder)
+            if where is None:
                 raise NotRunnable(f"tensor {name!r} is external data but no folder is given")
-            path = self.folder / info["location"]
-            offset = int(info.get("offset", 0) or 0)
+            path, offset, _ = where
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
             if count == 0:
                 return np.zeros(shape, dtype)
@@ -420,12 +428,7 @@ class FeedSession:
         so.log_severity_level = 4
         so.enable_cpu_mem_arena = False
         so.add_session_config_entry("session.disable_prepacking", "1")
-        if not self.optimize:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        elif self.optimize == "extended":
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        elif self.optimize == "basic":
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.graph_optimization_level = graph_level(self.optimize)
         return so
 
     def _run_segment(self, s: Segment, values: Mapping[str, Any]) -> dict[str, Any]:
@@ -488,4 +491,4 @@ def available_memory() -> int | None:
 
 
 __all__ = ["DEFAULT_BUDGET", "FEED_MIN_BYTES", "FeedSession", "NodeArg", "NotRunnable", "available_memory",
-           "largest_tensor", "weight_bytes"]
+           "external_range", "graph_level", "largest_tensor", "weight_bytes"]

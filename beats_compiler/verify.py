@@ -17,11 +17,13 @@ import onnx
 from .errors import InputError, short_message
 from passes.convert import uses_external_refs
 from passes.graph import is_computed_ref
+from passes.tensors import tensor_nbytes
 
 from .inputs import InputGenerator
 from .io import needs_external_data, save_model
 from .wire import model_bytes
-from .runner import DEFAULT_BUDGET, FeedSession, NotRunnable, available_memory, weight_bytes
+from .runner import (DEFAULT_BUDGET, FeedSession, NotRunnable, available_memory, external_range, graph_level,
+                     weight_bytes)
 
 # fp32 defaults: kernels may differ after fusion (Conv+BN, MatMul+Add->Gemm)
 DEFAULT_RTOL = 1e-3
@@ -98,12 +100,7 @@ class Session:
 
         self._tmp: str | None = None
         so = quiet_session_options()
-        if not optimize:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        elif optimize == "extended":
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        elif optimize == "basic":
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.graph_optimization_level = graph_level(optimize)
         if path is not None:
             src: Any = str(path)
         elif needs_external_data(model) or uses_external_refs(model):
@@ -229,14 +226,15 @@ def verify(
     if scope not in SCOPES:
         raise ValueError(f"verification scope {scope!r}: one of {', '.join(SCOPES)}")
     one_at_a_time = _one_at_a_time(original, original_path, result, memory_budget, scope)
+    ref_model = original if original is not None else original_model
     if one_at_a_time is not None:
         budget, partial = one_at_a_time
         # ORT's own rewrites off: its fused kernels (layer norms, GELU, attention) round
         # differently from the ops they replace, and which of them a segment gets depends on
         # where it ends, so two models cut in different places would differ by that
         # rounding (a float16 decoder: 1e-3).  Each op runs as its graph says.
-        ver = _verify_one_at_a_time(original if original is not None else original_model, original_path, result,
-                                    base_dir, budget, inputs, rtol, atol, seed, False, partial)
+        ver = _verify_one_at_a_time(ref_model, original_path, result, base_dir, budget, inputs, rtol, atol, seed,
+                                    False, partial)
         ver.too_large = True
         return ver
     if optimize is True and not measure_latency:
@@ -248,9 +246,8 @@ def verify(
         # constants then meets the same MatMul kernel as its folded twin); a graph the
         # feeds cannot run goes side by side.
         try:
-            return _verify_one_at_a_time(original if original is not None else original_model, original_path,
-                                         result, base_dir, DEFAULT_BUDGET, inputs, rtol, atol, seed, "basic",
-                                         fallback=True)
+            return _verify_one_at_a_time(ref_model, original_path, result, base_dir, DEFAULT_BUDGET, inputs, rtol,
+                                         atol, seed, "basic", fallback=True)
         except NotRunnable:
             optimize = "basic"
     try:
@@ -312,8 +309,9 @@ def _feed_session(model, base_dir, budget, optimize, what: str, outputs=None, fa
 
 def _check_fits(sessions: list[FeedSession]) -> None:
     """Stop with one line, before any ORT session starts, when the largest
-    segment would not fit: its weights plus float32 copies ORT makes of 16-bit
-    weights its CPU kernels do not take, plus a margin for activations."""
+    segment would not fit: its weights, plus the float32 copies ORT makes of
+    16-bit weights its CPU kernels do not take (capped at two of the segment's
+    largest weight: casts run one node at a time), plus 256 MB for activations."""
     avail = available_memory()
     if avail is None:
         return
@@ -344,76 +342,65 @@ def _partial_outputs(fs: FeedSession, budget: int) -> tuple[list[str], int]:
     return chosen, sum(union.values())
 
 
-def _external_key(t: onnx.TensorProto, folder) -> tuple | None:
-    if t.data_location != onnx.TensorProto.EXTERNAL or folder is None:
-        return None
-    info = {e.key: e.value for e in t.external_data}
-    if "location" not in info:
-        return None
-    return (os.path.realpath(Path(os.fspath(folder)) / info["location"]), int(info.get("offset", 0) or 0),
-            info.get("length"), t.data_type, tuple(t.dims))
-
-
-def compare_weights(ref: onnx.ModelProto, ref_dir, result: onnx.ModelProto, res_dir) -> dict[str, int]:
-    """The result's initializers against the reference's of the same name:
-    ``same`` (the same bytes: the same range of the same data file, or equal
-    inline bytes), ``changed`` (different dtype, shape or bytes),
-    ``recomputed`` (computed as the model is written: not compared here),
-    ``new`` (no initializer of that name in the reference)."""
+def compare_weights(ref: onnx.ModelProto, ref_dir, result: onnx.ModelProto, res_dir) -> dict[str, list[str]]:
+    """The result's initializers against the reference's of the same name, by
+    name: ``same`` (the same bytes: the same range of the same data file, or
+    equal bytes), ``changed`` (different dtype, shape or bytes), ``recomputed``
+    (computed as the model is written: not compared here), ``new`` (no
+    initializer of that name in the reference)."""
     refs = {t.name: t for t in ref.graph.initializer}
-    counts = {"same": 0, "changed": 0, "recomputed": 0, "new": 0}
+    out: dict[str, list[str]] = {"same": [], "changed": [], "recomputed": [], "new": []}
     for t in result.graph.initializer:
         r = refs.get(t.name)
         if r is None:
-            counts["new"] += 1
-            continue
-        if r.data_type != t.data_type or list(r.dims) != list(t.dims):
-            counts["changed"] += 1
-            continue
-        key_r, key_t = _external_key(r, ref_dir), _external_key(t, res_dir)
-        if key_t is not None and key_t == key_r:
-            counts["same"] += 1
-        elif t.data_location == onnx.TensorProto.EXTERNAL or r.data_location == onnx.TensorProto.EXTERNAL:
-            if is_computed_ref(t):
-                counts["recomputed"] += 1
-            else:
-                counts["changed" if not _same_bytes(r, ref_dir, t, res_dir) else "same"] += 1
+            kind = "new"
+        elif r.data_type != t.data_type or list(r.dims) != list(t.dims):
+            kind = "changed"
+        elif is_computed_ref(t):
+            kind = "recomputed"
         else:
-            counts["same" if r.SerializeToString() == t.SerializeToString()
-                   or np.array_equal(onnx.numpy_helper.to_array(r), onnx.numpy_helper.to_array(t))
-                   else "changed"] += 1
-    return counts
+            where_r, where_t = external_range(r, ref_dir), external_range(t, res_dir)
+            same_place = where_t is not None and where_r is not None and (
+                os.path.realpath(where_t[0]), where_t[1:]) == (os.path.realpath(where_r[0]), where_r[1:])
+            kind = "same" if same_place or _same_bytes(r, ref_dir, t, res_dir) else "changed"
+        out[kind].append(t.name)
+    return out
+
+
+_BLOCK = 64 << 20
+
+
+def _blocks(t: onnx.TensorProto, folder):
+    """``t``'s stored bytes, 64 MiB at a time (an inline tensor's as one block)."""
+    where = external_range(t, folder)
+    if where is None:
+        yield t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+        return
+    path, offset, left = where
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while left is None or left > 0:
+            blk = f.read(_BLOCK if left is None else min(_BLOCK, left))
+            if not blk:
+                return
+            if left is not None:
+                left -= len(blk)
+            yield blk
 
 
 def _same_bytes(a: onnx.TensorProto, a_dir, b: onnx.TensorProto, b_dir) -> bool:
-    def chunks(t, folder):
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            yield onnx.numpy_helper.to_array(t).tobytes()
-            return
-        info = {e.key: e.value for e in t.external_data}
-        left = int(info["length"]) if "length" in info else None
-        with open(Path(os.fspath(folder)) / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0) or 0))
-            while left is None or left > 0:
-                blk = f.read(64 << 20 if left is None else min(64 << 20, left))
-                if not blk:
-                    return
-                if left is not None:
-                    left -= len(blk)
-                yield blk
-
+    """Whether two tensors of one dtype and shape hold the same bytes, read a
+    block at a time (equal values stored as raw_data and as typed fields count
+    as the same)."""
     try:
-        return b"".join(chunks(a, a_dir)) == b"".join(chunks(b, b_dir)) if max(
-            _tensor_len(a), _tensor_len(b)) <= 64 << 20 else all(x == y for x, y in zip(chunks(a, a_dir), chunks(b, b_dir)))
-    except (OSError, KeyError, ValueError):
+        if a.data_location != onnx.TensorProto.EXTERNAL and b.data_location != onnx.TensorProto.EXTERNAL:
+            return a.SerializeToString() == b.SerializeToString() or np.array_equal(
+                onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+        return b"".join(_blocks(a, a_dir)) == b"".join(_blocks(b, b_dir)) if max(
+            tensor_nbytes(a, external_length=True) or 0, tensor_nbytes(b, external_length=True) or 0) <= _BLOCK \
+            else all(x == y for x, y in zip(_blocks(a, a_dir), _blocks(b, b_dir)))
+    except (OSError, ValueError):
         return False
-
-
-def _tensor_len(t: onnx.TensorProto) -> int:
-    for e in t.external_data:
-        if e.key == "length":
-            return int(e.value)
-    return t.ByteSize()
 
 
 def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inputs, rtol, atol, seed, optimize,
@@ -456,7 +443,7 @@ def _verify_one_at_a_time(original, original_path, result, base_dir, budget, inp
         ver.method = how
     else:
         total = max(weight_bytes(ref), 1)
-        w = compare_weights(ref, ref_dir, result, base_dir)
+        w = {k: len(v) for k, v in compare_weights(ref, ref_dir, result, base_dir).items()}
         shown = ", ".join(outputs[:4]) + (f" and {len(outputs) - 4} more" if len(outputs) > 4 else "")
         ver.method = (f"partially: {len(outputs)} of {len(ref.graph.output)} outputs ({shown}), which need "
                       f"{100 * covered / total:.0f}% of the weights, on a copy truncated to what they need, {how}; "

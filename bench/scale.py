@@ -34,6 +34,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from peers import run_capped  # noqa: E402
 
+from beats_compiler.runner import largest_tensor  # noqa: E402
+from beats_compiler.verify import compare_weights  # noqa: E402
+
 CLI = [sys.executable, "-c", "from beats_compiler.cli import main; raise SystemExit(main())"]
 
 
@@ -54,15 +57,6 @@ def cp_seconds(data: Path, workdir: Path) -> float:
     return wall
 
 
-def largest_tensor(model: Path) -> int:
-    m = onnx.load(str(model), load_external_data=False)
-    best = 0
-    for t in m.graph.initializer:
-        n = next((int(e.value) for e in t.external_data if e.key == "length"), None)
-        best = max(best, n if n is not None else len(t.raw_data))
-    return best
-
-
 def ort_loads(model: Path) -> str:
     code = ("import sys, onnxruntime as ort; so = ort.SessionOptions(); so.log_severity_level = 3; "
             "so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL; "
@@ -78,34 +72,12 @@ def node_list(m: onnx.ModelProto) -> list:
 
 
 def weight_bytes_equal(a: Path, b: Path) -> tuple[int, list[str]]:
-    """Compare every initializer of ``a`` with ``b``'s of the same name, bytes read
-    in 64 MiB blocks: (number compared, names that differ or are missing)."""
+    """Every initializer of ``a`` against ``b``'s of the same name, bytes read in
+    64 MiB blocks (``verify.compare_weights``): (number in ``a``, names that
+    differ or are missing in ``b``)."""
     ma, mb = (onnx.load(str(p), load_external_data=False) for p in (a, b))
-    tb = {t.name: t for t in mb.graph.initializer}
-    bad = []
-
-    def blocks(t, folder):
-        info = {e.key: e.value for e in t.external_data}
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            yield onnx.numpy_helper.to_array(t).tobytes()
-            return
-        left = int(info["length"])
-        with open(folder / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            while left > 0:
-                blk = f.read(min(left, 64 << 20))
-                left -= len(blk)
-                yield blk
-
-    for t in ma.graph.initializer:
-        u = tb.get(t.name)
-        if u is None or u.data_type != t.data_type or list(u.dims) != list(t.dims):
-            bad.append(t.name)
-            continue
-        if b"".join(blocks(t, a.parent)) != b"".join(blocks(u, b.parent)) if t.data_location != onnx.TensorProto.EXTERNAL \
-                else any(x != y for x, y in zip(blocks(t, a.parent), blocks(u, b.parent))):
-            bad.append(t.name)
-    return len(ma.graph.initializer), bad
+    same = set(compare_weights(ma, a.parent, mb, b.parent)["same"])
+    return len(ma.graph.initializer), [t.name for t in ma.graph.initializer if t.name not in same]
 
 
 def run(name: str, cmd: list[str], cap: float, report: Path) -> dict:
@@ -148,7 +120,7 @@ def main(argv=None) -> int:
     if len(data) != 1:
         ap.error(f"{model}: expected one external data file, found {len(data)}")
     size = data[0].stat().st_size
-    big = largest_tensor(model)
+    big = largest_tensor(onnx.load(str(model), load_external_data=False))
     bound = 2 * 10**9 + big
     cp = cp_seconds(data[0], work)
     print(f"# {model}: data {size / 2**30:.2f} GiB, largest tensor {big / 2**20:.0f} MiB; "
