@@ -287,14 +287,33 @@ def _one_at_a_time(original, original_path, result, memory_budget: int | None,
     past ``ONE_AT_A_TIME_FROM``, or when a budget or a scope is given, one at a
     time."""
     size = weight_bytes(result)
+    need = _side_by_side_need(result)
     if original is not None:
         size = max(size, weight_bytes(original))
+    # the original given by its path only: counted as the result's size
+    need += _side_by_side_need(original) if original is not None else need
     avail = available_memory()
     if (memory_budget is None and scope == "auto" and size <= ONE_AT_A_TIME_FROM
-            and (avail is None or 6 * size <= avail)):
+            and (avail is None or need <= avail)):
         return None
     partial = scope == "partial" or (scope == "auto" and size > PARTIAL_FROM)
     return (int(memory_budget) if memory_budget is not None else DEFAULT_BUDGET), partial
+
+
+_SIXTEEN_BIT_FLOATS = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _side_by_side_need(model: onnx.ModelProto) -> int:
+    """What one ordinary ORT session of ``model`` may hold: three times its
+    weights (its copy, the copies its optimizer makes when it folds or
+    transposes a weight, prepacked kernels), a 16-bit float weight counted at
+    its float32 size as well (ORT's CPU kernels take many ops in float32 only,
+    and the inserted ``W0 + D * V`` of a float16 model is folded and cast).
+    Measured: a 1-layer 7B-shaped float16 model after insert, 0.87 GiB of
+    weights, peaked at 7.2 GB side by side (three times 2.6 GiB each)."""
+    sixteen = sum(tensor_nbytes(t, external_length=True) or 0 for t in model.graph.initializer
+                  if t.data_type in _SIXTEEN_BIT_FLOATS)
+    return 3 * (weight_bytes(model) + 2 * sixteen)
 
 
 def _feed_session(model, base_dir, budget, optimize, what: str, outputs=None, fallback=False) -> FeedSession:
@@ -318,8 +337,7 @@ def _check_fits(sessions: list[FeedSession]) -> None:
     need = 0
     for fs in sessions:
         for seg in fs.segments:
-            extra = sum(2 * fs.weights[w] for w in seg.weights if fs.inits[w].data_type in (
-                onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16))
+            extra = sum(2 * fs.weights[w] for w in seg.weights if fs.inits[w].data_type in _SIXTEEN_BIT_FLOATS)
             need = max(need, seg.weight_bytes + min(extra, 2 * max((fs.weights[w] for w in seg.weights), default=0)))
     need += 256 << 20
     if need > avail:

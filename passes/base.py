@@ -28,8 +28,9 @@ class PassResult:
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
     # The modification left every remaining tensor's element type and shape as
-    # it was, and added no tensor (identical constants merged): analyses of the
-    # graph before it stay valid for the tensors still in the graph.
+    # it was and added no computed tensor (identical constants merged, a node
+    # that computed its input bypassed; a new constant answers for itself):
+    # analyses of the graph before it stay valid for the tensors still in it.
     types_kept: bool = False
 
 
@@ -98,18 +99,24 @@ class _AnalysisCache:
     since it was computed, and at most once per pass: after its first request
     a pass may have edited the graph, so a second request recomputes."""
 
-    def __init__(self, graph: gs.Graph):
+    def __init__(self, graph: gs.Graph, check: bool = False):
         self.graph = graph
         self.results: dict[Hashable, Any] = {}
         self.asked: set[Hashable] = set()  # keys the running pass has requested
         # keys whose result predates a ``types_kept`` modification: handed out
         # again only through the caller's ``revalidate`` (dropping removed tensors)
         self.stale: set[Hashable] = set()
+        # check: a result handed out again after a ``types_kept`` modification is
+        # also recomputed and compared (``PassManager(check_idempotent=True)``)
+        self.check = check
+        self.kept_by: list[str] = []  # the passes whose types_kept modifications made results stale
 
-    def end_pass(self, modified: bool, types_kept: bool = False) -> None:
+    def end_pass(self, modified: bool, types_kept: bool = False, name: str = "") -> None:
         if modified and types_kept:
             self.stale.update(self.results)
+            self.kept_by.append(name)
         elif modified:
+            self.kept_by.clear()
             self.results.clear()
             self.stale.clear()
         self.asked.clear()
@@ -119,12 +126,15 @@ _ANALYSES: contextvars.ContextVar[_AnalysisCache | None] = contextvars.ContextVa
 
 
 def cached_analysis(graph: gs.Graph, key: Hashable, compute: Callable[[], Any],
-                    revalidate: Callable[[Any], Any] | None = None) -> tuple[Any, bool]:
+                    revalidate: Callable[[Any], Any] | None = None,
+                    disagreement: Callable[[Any, Any], str | None] | None = None) -> tuple[Any, bool]:
     """``compute()``, or its result from an earlier pass of the running
     ``PassManager`` when the graph is unchanged since; returns (value, reused).
     A result from before a modification that kept types (``PassResult.types_kept``)
     is reused as ``revalidate(result)`` (which drops what the graph no longer
-    holds), or recomputed without ``revalidate``.
+    holds), or recomputed without ``revalidate``.  In a manager that checks each
+    pass, such a reuse is also recomputed and ``disagreement(reused, fresh)`` (a
+    description, or None) raises naming the passes that declared types kept.
     Outside a manager (or for another graph) it always computes."""
     cache = _ANALYSES.get()
     if cache is None or cache.graph is not graph:
@@ -137,6 +147,11 @@ def cached_analysis(graph: gs.Graph, key: Hashable, compute: Callable[[], Any],
         cache.stale.discard(key)
         if revalidate is not None:
             value = cache.results[key] = revalidate(cache.results[key])
+            if cache.check and disagreement is not None:
+                problem = disagreement(value, compute())
+                if problem:
+                    raise RuntimeError(f"{', '.join(dict.fromkeys(cache.kept_by))} declared that it kept every "
+                                       f"tensor's type, but {problem}")
             return value, True
     value = compute()
     cache.results[key] = value
@@ -180,9 +195,11 @@ class PassManager:
     pass, is raised as ``PassError`` naming the pass and those run before it.
     With ``check_idempotent``, a pass declared ``idempotent`` that modified
     the graph is run once more at once, and a second modification is a
-    ``PassError``.
+    ``PassError``; an inference reused after a pass declared ``types_kept`` is
+    also recomputed, and a tensor whose type it got wrong is a ``PassError``.
     Shape inference (``shapes.infer_types``) is computed once and reused by
-    later passes while none of them reports a modification.
+    later passes while none of them reports a modification (or only
+    modifications that kept every tensor's type).
     """
 
     def __init__(
@@ -216,7 +233,7 @@ class PassManager:
         ran: list[str] = []
         converged = False
         rounds = 0
-        cache = _AnalysisCache(graph)
+        cache = _AnalysisCache(graph, check=self.check_idempotent)
         state = _RunState()
         token = _ANALYSES.set(cache)
         try:
@@ -247,7 +264,7 @@ class PassManager:
             else:
                 try:
                     result = p(graph)
-                    cache.end_pass(result.modified, result.types_kept)
+                    cache.end_pass(result.modified, result.types_kept, p.name)
                     if result.modified and self.check is not None:
                         self.check(graph)
                     if result.modified and self.check_idempotent and p.idempotent:
@@ -270,7 +287,7 @@ class PassManager:
     @staticmethod
     def _run_again(p: Pass, graph: gs.Graph, cache: _AnalysisCache) -> None:
         again = p(graph)
-        cache.end_pass(again.modified, again.types_kept)
+        cache.end_pass(again.modified, again.types_kept, p.name)
         if again.modified:
             raise RuntimeError(f"{p.name} is declared idempotent but modified the graph again "
                                f"(second run: {dict(again.stats)})")

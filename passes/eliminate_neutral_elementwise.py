@@ -89,4 +89,5 @@ class EliminateNeutralElementwise(Pass):
                     if alive.bypass(node, x, node.outputs[0]):
                         stats[node.op] = stats.get(node.op, 0) + 1
                         break
-        return PassResult(bool(stats), stats)
+        # x op neutral == x, same element type and shape (checked above): readers read a tensor of that type
+        return PassResult(bool(stats), stats, types_kept=True)

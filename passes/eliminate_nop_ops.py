@@ -41,7 +41,8 @@ class EliminateNopOps(Pass):
                 if nop and bypass(g, node, node.inputs[0], node.outputs[0]):
                     stats[node.op] = stats.get(node.op, 0) + 1
                     changed = True
-        return PassResult(bool(stats), stats)
+        # each removed node computed its input unchanged: readers now read a tensor of the same type
+        return PassResult(bool(stats), stats, types_kept=True)
 
     @staticmethod
     def _nop_Cast(node, tm: TypeMap) -> bool:

@@ -93,5 +93,6 @@ class MergeUnsqueeze(Pass):
                 if not mid.outputs and id(mid) not in out_ids:
                     alive.remove([inner])
         stats = {k: v for k, v in (("merged", merged), ("cancelled", cancelled)) if v}
-        return PassResult(bool(stats), stats)
+        # a merged Unsqueeze keeps its output, a cancelled pair hands its readers x of the same type
+        return PassResult(bool(stats), stats, types_kept=True)
 

@@ -214,8 +214,25 @@ def infer_types(graph: gs.Graph) -> TypeMap:
     while no pass has modified the graph since (each caller gets its own copy).
     """
     tm, _reused = cached_analysis(graph, "infer_types", lambda: _infer_types(graph),
-                                  revalidate=lambda old: _kept_names(graph, old))
+                                  revalidate=lambda old: _kept_names(graph, old), disagreement=_disagreement)
     return TypeMap(dict(tm.elem), dict(tm.shapes), tm.error)
+
+
+def _disagreement(kept: TypeMap, fresh: TypeMap) -> str | None:
+    """Where a reused inference says something a fresh one does not: another
+    element type, rank or static dim for a tensor (the fresh one may know more:
+    a dim or a type the old one left open)."""
+    for name, e in kept.elem.items():
+        f = fresh.elem.get(name, 0)
+        if e and f and e != f:
+            return f"{name!r} is now of element type {f}, was {e}"
+    for name, s in kept.shapes.items():
+        f = fresh.shapes.get(name)
+        if s is None or f is None:
+            continue
+        if len(s) != len(f) or any(isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(s, f)):
+            return f"{name!r} now has shape {list(f)}, was {list(s)}"
+    return None
 
 
 def _kept_names(graph: gs.Graph, tm: TypeMap) -> TypeMap:

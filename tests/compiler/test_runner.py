@@ -200,3 +200,16 @@ def test_how_verification_runs(monkeypatch, size, avail, budget, scope, expect):
     monkeypatch.setattr(verify, "weight_bytes", lambda m: size)
     monkeypatch.setattr(verify, "available_memory", lambda: avail)
     assert verify._one_at_a_time(None, None, onnx.ModelProto(), budget, scope) == expect
+
+
+@pytest.mark.parametrize("dtype", [onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16])
+def test_side_by_side_estimate_counts_float32_casts_of_16_bit_weights(monkeypatch, dtype):
+    """Two sessions of a float16 model hold float32 copies of its weights (an inserted
+    W0 + D * V is folded and cast): the same bytes in float16 need three times the room."""
+    n = 50 << 20
+    t = onnx.TensorProto(name="w", data_type=dtype, dims=[n // (2 if dtype == onnx.TensorProto.FLOAT16 else 4)])
+    t.raw_data = bytes(n)
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[t]))
+    monkeypatch.setattr(verify, "available_memory", lambda: 10 * n)  # over 6 x, under 18 x the bytes
+    got = verify._one_at_a_time(model, None, model, None, "auto")
+    assert got == (None if dtype == onnx.TensorProto.FLOAT else (runner.DEFAULT_BUDGET, False))

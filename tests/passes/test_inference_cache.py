@@ -2,10 +2,11 @@
 pass has modified the graph; recomputed after any modification."""
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper
 
-from passes import PassManager, PassResult, infer_types, shapes, to_graph
-from passes.base import Pass
+from passes import PassManager, PassResult, get_pass, infer_types, shapes, to_graph
+from passes.base import Pass, PassError
 from tests.helpers import make_model, vi
 
 H = helper.make_node
@@ -156,3 +157,59 @@ def test_skeleton_reuses_a_node_export_only_while_the_node_is_the_same():
     assert alpha().f == 0.5
     node.outputs[0].name = "z"
     assert export_skeleton(g, 1024).graph.node[0].output == ["z"]
+
+
+def _reshape_chain_model():
+    """x [2, 3] -> Cast(to float) -> c -> Reshape(to [3, 2]) -> r -> Relu -> y."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [3, 2])
+    return make_model([H("Cast", ["x"], ["c"], to=TensorProto.FLOAT), H("Reshape", ["c", "shape"], ["r"]),
+                       H("Relu", ["r"], ["y"])], [vi("x", [2, 3])], [vi("y", ["a", "b"])], [shape])
+
+
+class LyingPass(Pass):
+    """Rewires Relu to read the Cast's output ([2, 3], not [3, 2]) and claims that
+    every tensor kept its type: a later reuse of the inference is then wrong about y."""
+
+    name = "lying_types_kept"
+    idempotent = False
+
+    def call(self, graph):
+        relu = next(n for n in graph.nodes if n.op == "Relu")
+        relu.inputs[0] = next(n for n in graph.nodes if n.op == "Cast").outputs[0]
+        return PassResult(True, {"rewired": 1}, types_kept=True)
+
+
+class AskTypes(Pass):
+    name = "ask_types"
+    idempotent = False
+
+    def call(self, graph):
+        infer_types(graph)
+        return PassResult(False, {})
+
+
+def test_a_pass_that_wrongly_declares_types_kept_is_caught_when_each_pass_is_checked():
+    g, _ = to_graph(_reshape_chain_model())
+    PassManager([AskTypes(), LyingPass(), AskTypes()], max_rounds=1).run(g)  # trusted: no recomputation
+    g, _ = to_graph(_reshape_chain_model())
+    with pytest.raises(PassError, match="lying_types_kept declared that it kept every tensor's type, but 'y'"):
+        PassManager([AskTypes(), LyingPass(), AskTypes()], max_rounds=1, check_idempotent=True).run(g)
+
+
+def test_the_passes_that_declare_types_kept_keep_them():
+    """A nop Cast, x + 0, an Unsqueeze chain and Unsqueeze(Squeeze): each pass that removes
+    them declares types kept; with every pass checked, each reused inference is recomputed."""
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+    a0 = helper.make_tensor("a0", TensorProto.INT64, [1], [0])
+    a1 = helper.make_tensor("a1", TensorProto.INT64, [1], [1])
+    model = make_model([H("Cast", ["x"], ["c"], to=TensorProto.FLOAT), H("Add", ["c", "zero"], ["s"]),
+                        H("Unsqueeze", ["s", "a0"], ["u1"]), H("Unsqueeze", ["u1", "a1"], ["u2"]),
+                        H("Squeeze", ["u2", "a1"], ["q"]), H("Unsqueeze", ["q", "a1"], ["u3"]),
+                        H("Relu", ["u3"], ["y"])],
+                       [vi("x", [2, 3])], [vi("y", ["a", "b", "c", "d"])], [zero, a0, a1])
+    g, _ = to_graph(model)
+    names = ["eliminate_nop_ops", "eliminate_neutral_elementwise", "merge_unsqueeze"]
+    report = PassManager([AskTypes(), *(get_pass(n)() for n in names), AskTypes()], max_rounds=2,
+                         check_idempotent=True).run(g)
+    done = {r.name: r.stats for r in report.records if r.modified}
+    assert set(done) == set(names), done
