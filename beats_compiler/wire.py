@@ -105,21 +105,27 @@ class _Tensor:
     __slots__ = ("tensor", "head", "tail", "raw_len", "size")
 
     def __init__(self, t: onnx.TensorProto):
+        # The length of raw_data without reading it (reading it copies the weight):
+        # the tensor's encoded size less its skeleton's.  A tensor encoded in fewer
+        # than _SPLICE_MIN bytes has a shorter raw_data: encoded whole, as is one
+        # whose raw_data turns out shorter than that.
         self.tensor = t
-        self.raw_len = len(t.raw_data) if t.HasField("raw_data") else -1
-        if self.raw_len < _SPLICE_MIN:
+        self.raw_len = -1
+        if t.HasField("raw_data") and t.ByteSize() >= _SPLICE_MIN:
+            skel = copy_except(t, "raw_data")
+            skel.raw_data = b""
+            buf = skel.SerializeToString(deterministic=True)
+            spot = _placeholders(buf, _RAW_DATA)
+            if len(spot) != 1:
+                raise ValueError("the tensor's raw_data placeholder is not where expected")
+            self.raw_len = _raw_len(t.ByteSize() - (len(buf) - 2))
+            if self.raw_len >= _SPLICE_MIN:
+                self.head, self.tail = buf[: spot[0]], buf[spot[0] + 2:]
+                self.size = len(buf) - 2 + len(_field_header(_RAW_DATA, self.raw_len)) + self.raw_len
+                return
             self.raw_len = -1
-            self.head, self.tail = t.SerializeToString(deterministic=True), b""
-            self.size = len(self.head)
-            return
-        skel = copy_except(t, "raw_data")
-        skel.raw_data = b""
-        buf = skel.SerializeToString(deterministic=True)
-        spot = _placeholders(buf, _RAW_DATA)
-        if len(spot) != 1:
-            raise ValueError("the tensor's raw_data placeholder is not where expected")
-        self.head, self.tail = buf[: spot[0]], buf[spot[0] + 2:]
-        self.size = len(buf) - 2 + len(_field_header(_RAW_DATA, self.raw_len)) + self.raw_len
+        self.head, self.tail = t.SerializeToString(deterministic=True), b""
+        self.size = len(self.head)
 
     def pieces(self) -> Iterator[bytes]:
         yield self.head
@@ -132,6 +138,17 @@ class _Tensor:
         yield raw
         del raw
         yield self.tail
+
+
+def _raw_len(field_bytes: int) -> int:
+    """The length n of a raw_data field that takes ``field_bytes`` encoded:
+    n + its header (the field's tag, then n as a varint)."""
+    n = field_bytes - len(_field_header(_RAW_DATA, 0))
+    while n > 0 and n + len(_field_header(_RAW_DATA, n)) > field_bytes:
+        n -= 1
+    if n < 0 or n + len(_field_header(_RAW_DATA, n)) != field_bytes:
+        raise ValueError("the tensor's size does not match a raw_data field")
+    return n
 
 
 def _field_header(number: int, length: int) -> bytes:

@@ -65,8 +65,12 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
     """The graph itself, then every If/Loop/Scan body inside it, recursively."""
     yield graph
     for node in graph.nodes:
-        for sub in node.subgraphs(recursive=False):
-            yield from iter_graphs(sub)
+        # what gs's ``node.subgraphs()`` yields, without a generator per node
+        # (this runs over every node of the graph many times per compile)
+        subs = [v for v in node.attrs.values() if isinstance(v, gs.Graph)] if node.attrs else ()
+        for i, sub in enumerate(subs):
+            if all(sub is not other for other in subs[:i]):
+                yield from iter_graphs(sub)
 
 
 def walk_nodes(graph: gs.Graph) -> Iterator[tuple[gs.Graph, gs.Node]]:
