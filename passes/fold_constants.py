@@ -1,8 +1,11 @@
 """Constant folding: evaluate nodes whose inputs are all constants.
 
 The evaluator is onnx's reference implementation by default (the driver may
-pass another, e.g. ONNX Runtime on the single node).  Every fold is sized
-*before* it is evaluated: a fold that would create a tensor over
+pass another, e.g. ONNX Runtime on the single node).  With the default, the
+common ops are computed by ``fold_numpy`` first (the same numpy calls as the
+reference, without a one-node model, a fresh evaluator per node or the import
+of ``onnx.reference``); a form it does not handle goes to the reference.
+Every fold is sized *before* it is evaluated: a fold that would create a tensor over
 ``max_output_bytes``, or grow the model by more than ``max_growth_bytes``
 (ConstantOfShape/Expand/Tile/Range "bombs", a transposed copy of a shared
 weight), is skipped and counted, never materialized.
@@ -19,6 +22,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from .base import Pass, PassResult
+from .fold_numpy import evaluate as numpy_evaluate
 from .graph import (
     NONDETERMINISTIC_OPS,
     const_shape,
@@ -259,6 +263,10 @@ class FoldConstants(Pass):
         return None
 
     def _evaluate(self, root: gs.Graph, node: gs.Node) -> list[np.ndarray]:
+        if self.evaluator is reference_evaluator:
+            results = _evaluate_numpy(root, node)
+            if results is not None:
+                return results
         proto = export_node(node)
         feeds: dict[str, np.ndarray] = {}
         inputs = []
@@ -271,3 +279,20 @@ class FoldConstants(Pass):
         g = helper.make_graph([proto], "fold", inputs, outputs)
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", root.opset)], ir_version=root.ir_version or 10)
         return list(self.evaluator(model, feeds))
+
+
+def _evaluate_numpy(root: gs.Graph, node: gs.Node) -> list[np.ndarray] | None:
+    """``node``'s outputs from ``fold_numpy`` (the reference's own numpy calls),
+    or None where it does not handle the node's form (or fails on it: the
+    reference then decides)."""
+    if node.domain not in (None, "") or len(node.outputs) != 1:
+        return None
+    attrs = {}
+    for k, v in node.attrs.items():
+        # tensors as the reference reads them back; other kinds are refused there
+        attrs[k] = const_value(v) if isinstance(v, gs.Constant) else v
+    inputs = [const_value(t) if t.name else None for t in node.inputs]
+    try:
+        return numpy_evaluate(node.op, root.opset, attrs, inputs)
+    except Exception:  # e.g. a shape numpy rejects: the reference runs it and reports its own error
+        return None
