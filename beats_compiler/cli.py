@@ -392,7 +392,7 @@ def _finish(args, console, result, out: Path, report_path: Path | None, external
         if report.culprit and exit_code == EXIT_OK:
             console.print(f"bisect: {report.culprit['message']}", markup=False, soft_wrap=True)
         if exit_code == EXIT_OK:
-            console.print(f"wrote {out}" + (f" (+ {out.name}.data)" if external else ""))
+            console.print(f"wrote {out}" + (f" (+ {out.name}.data)" if external else ""), markup=False, soft_wrap=True)
         else:
             leg = getattr(report, "legality", None)
             console.print("[red]nothing written: " + ("--strict legality failed[/]" if leg and leg.get("strict") and not leg.get("ok")
@@ -443,7 +443,7 @@ def run_compile(args: argparse.Namespace, console) -> int:
             atomic_write_bytes(ctx_path, result.precompiled)
             result.report.target_details.setdefault("precompiled", {})["path"] = str(ctx_path)
             if not args.quiet:
-                console.print(f"wrote {ctx_path} (EPContext, QNN HTP)")
+                console.print(f"wrote {ctx_path} (EPContext, QNN HTP)", markup=False, soft_wrap=True)
 
     return _finish(args, console, result, out, report_path, external, write_ctx)
 
@@ -509,7 +509,7 @@ def run_reparam(cmd: str, args: argparse.Namespace, console) -> int:
             text = _json.dumps(reparam.trainable_manifest(result.model), indent=2) + "\n"
             atomic_write_bytes(manifest, text.encode())
             if not args.quiet:
-                console.print(f"wrote {manifest}")
+                console.print(f"wrote {manifest}", markup=False, soft_wrap=True)
 
         return _finish(args, console, result, out, report_path, external, write_manifest)
     if cmd == "fold":
@@ -596,7 +596,7 @@ def _print_export(console, rep) -> None:
     for w in rep.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     if rep.output:
-        console.print(f"wrote {rep.output} ({human(rep.file_bytes)})", markup=False)
+        console.print(f"wrote {rep.output} ({human(rep.file_bytes)})", markup=False, soft_wrap=True)
     else:
         console.print("[red]nothing written: the adapter does not match the folded model[/]")
 

@@ -197,11 +197,15 @@ def _run_train(args, console) -> int:
                       + (f", eval accuracy {ie['eval_accuracy']:.4f}" if ie.get("eval_accuracy") is not None else ""))
     console.print(f"trainable parameters: {m['trainable_params']:,} (frozen {m['frozen_params']:,}); kept: {m['kept']}"
                   + ("; stopped early" if m["stopped_early"] else ""))
+    from rich.markup import escape  # paths are text, not markup ("[" is legal in a file name)
+
     console.print(f"wrote {res.adapter} ({human(m['sizes']['adapter_bytes'])}; checkpoint "
-                  f"{human(m['sizes']['checkpoint_bytes'])}), {res.metrics_path}" + (f", {res.curve}" if res.curve else ""))
+                  f"{human(m['sizes']['checkpoint_bytes'])}), {res.metrics_path}" + (f", {res.curve}" if res.curve else ""),
+                  markup=False, soft_wrap=True)
     if res.folded:
-        console.print(f"[green]wrote {res.folded}[/]: folded model, {res.folded_node_count} nodes "
-                      f"(inserted: {res.inserted_node_count}); max |folded - trained| {res.fold_max_abs_diff:.3g}")
+        console.print(f"[green]wrote {escape(str(res.folded))}[/]: folded model, {res.folded_node_count} nodes "
+                      f"(inserted: {res.inserted_node_count}); max |folded - trained| {res.fold_max_abs_diff:.3g}",
+                      soft_wrap=True)
     for w in res.warnings:
         console.print(f"[yellow]warning:[/] {w}")
     return 0

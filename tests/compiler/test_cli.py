@@ -75,6 +75,15 @@ REPORT_KEYS = {"verified", "max_abs_diff", "nodes_before", "nodes_after", "laten
                "passes"}
 
 
+def test_the_written_path_is_printed_whole_and_as_text(model_file, tmp_path):
+    """A long path is not folded across lines, and "[red]" in it is a name, not markup."""
+    out = tmp_path / ("[red]" + "d" * 90) / ("m" * 60 + ".beats.onnx")
+    out.parent.mkdir()
+    proc = cli(model_file, "-o", out, "--no-latency")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout.splitlines(), proc.stdout[-600:]
+
+
 def test_success_writes_output_and_report(model_file, tmp_path):
     before = model_file.read_bytes()
     proc = cli(model_file, "--report", tmp_path / "r.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 
 import pytest
@@ -13,7 +14,12 @@ from beats_compiler.training import env as tenv
 def ort_training_env():
     """``.venv-train`` (onnxruntime-training-cpu 1.19.2): scripts/ort-training-env.sh makes it once."""
     script = tenv.REPO_ROOT / "scripts" / "ort-training-env.sh"
-    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=1200)
+    # one maker at a time: every pytest-xdist worker that runs such a test asks for it
+    lock = tenv.REPO_ROOT / ".cache" / "ort-training-env.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stderr[-3000:]}"
     return tenv.DEFAULT_VENV / "bin" / "python"
 
