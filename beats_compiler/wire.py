@@ -20,6 +20,8 @@ from typing import BinaryIO
 import onnx
 from google.protobuf import unknown_fields
 
+from passes.tensors import tensor_nbytes
+
 from .proto import copy_except
 
 __all__ = ["model_bytes", "model_pieces", "write_model"]
@@ -105,50 +107,41 @@ class _Tensor:
     __slots__ = ("tensor", "head", "tail", "raw_len", "size")
 
     def __init__(self, t: onnx.TensorProto):
-        # The length of raw_data without reading it (reading it copies the weight):
-        # the tensor's encoded size less its skeleton's.  A tensor encoded in fewer
-        # than _SPLICE_MIN bytes has a shorter raw_data: encoded whole, as is one
-        # whose raw_data turns out shorter than that.
+        # The length of raw_data without reading it (reading it copies the weight, and
+        # ByteSize encodes the tensor): the bytes its dims and type call for, which a
+        # tensor's raw_data holds exactly (validation refuses any other length on
+        # input; ``pieces`` checks it again as it writes).
         self.tensor = t
         self.raw_len = -1
-        if t.HasField("raw_data") and t.ByteSize() >= _SPLICE_MIN:
-            skel = copy_except(t, "raw_data")
-            skel.raw_data = b""
-            buf = skel.SerializeToString(deterministic=True)
-            spot = _placeholders(buf, _RAW_DATA)
-            if len(spot) != 1:
-                raise ValueError("the tensor's raw_data placeholder is not where expected")
-            self.raw_len = _raw_len(t.ByteSize() - (len(buf) - 2))
-            if self.raw_len >= _SPLICE_MIN:
-                self.head, self.tail = buf[: spot[0]], buf[spot[0] + 2:]
-                self.size = len(buf) - 2 + len(_field_header(_RAW_DATA, self.raw_len)) + self.raw_len
-                return
+        if t.HasField("raw_data"):
+            n = tensor_nbytes(t)
+            self.raw_len = n if n is not None else len(t.raw_data)
+        if self.raw_len < _SPLICE_MIN:
             self.raw_len = -1
-        self.head, self.tail = t.SerializeToString(deterministic=True), b""
-        self.size = len(self.head)
+            self.head, self.tail = t.SerializeToString(deterministic=True), b""
+            self.size = len(self.head)
+            return
+        skel = copy_except(t, "raw_data")
+        skel.raw_data = b""
+        buf = skel.SerializeToString(deterministic=True)
+        spot = _placeholders(buf, _RAW_DATA)
+        if len(spot) != 1:
+            raise ValueError("the tensor's raw_data placeholder is not where expected")
+        self.head, self.tail = buf[: spot[0]], buf[spot[0] + 2:]
+        self.size = len(buf) - 2 + len(_field_header(_RAW_DATA, self.raw_len)) + self.raw_len
 
     def pieces(self) -> Iterator[bytes]:
         yield self.head
         if self.raw_len < 0:
             return
         raw = self.tensor.raw_data
-        if len(raw) != self.raw_len:  # changed while it was written: the lengths already out are wrong
-            raise RuntimeError(f"tensor {self.tensor.name!r} changed while the model was written")
+        if len(raw) != self.raw_len:  # the lengths already written are wrong: never a partial file
+            raise RuntimeError(f"tensor {self.tensor.name!r}: raw_data of {len(raw)} bytes, its dims call for "
+                               f"{self.raw_len} (or it changed while the model was written)")
         yield _field_header(_RAW_DATA, len(raw))
         yield raw
         del raw
         yield self.tail
-
-
-def _raw_len(field_bytes: int) -> int:
-    """The length n of a raw_data field that takes ``field_bytes`` encoded:
-    n + its header (the field's tag, then n as a varint)."""
-    n = field_bytes - len(_field_header(_RAW_DATA, 0))
-    while n > 0 and n + len(_field_header(_RAW_DATA, n)) > field_bytes:
-        n -= 1
-    if n < 0 or n + len(_field_header(_RAW_DATA, n)) != field_bytes:
-        raise ValueError("the tensor's size does not match a raw_data field")
-    return n
 
 
 def _field_header(number: int, length: int) -> bytes:
