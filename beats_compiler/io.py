@@ -20,7 +20,7 @@ from passes.tensors import tensor_nbytes
 
 from .errors import InputError, short_message
 from .proto import PROTOBUF_LIMIT, copy_except, is_repeated, model_shell
-from .validate import Limits, UnsortedGraph, read_model_file_sizes, sort_nodes, validate_model
+from .validate import Limits, UnsortedGraph, read_model_file_ranges, sort_nodes, validate_model
 from .wire import write_model
 
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
@@ -36,6 +36,10 @@ class LoadedModel:
     # that computes tensors as they are written (insert, fold): it travels as base_dir.
     data_folder: DataFolder | None = None
     notes: list[str] = field(default_factory=list)  # what loading mended (report warnings)
+    # (offset, length) in ``path`` of each top-level initializer's raw_data as read
+    # (``validate.raw_data_ranges``; None where unknown): probes may sample a weight
+    # there instead of copying it out of its TensorProto (``passes.graph.file_ranges``)
+    raw_ranges: list[tuple[int, int] | None] | None = None
 
     @property
     def uses_external_data(self) -> bool:
@@ -113,7 +117,8 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
     call for) and, with ``lazy``, left on disk: the model keeps references,
     read one tensor at a time when needed."""
     p = Path(path)
-    model, size, raw_sizes = read_model_file_sizes(p)
+    model, size, raw_ranges = read_model_file_ranges(p)
+    raw_sizes = None if raw_ranges is None else [None if r is None else r[1] for r in raw_ranges]
     notes: list[str] = []
     try:
         validate_model(model, limits or Limits(), str(p), raw_sizes=raw_sizes)
@@ -142,7 +147,8 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
             t.raw_data = data
     total = size + sum(f.stat().st_size for f in files)
     _check(model, p)
-    return LoadedModel(model=model, path=p, file_bytes=total, external_files=list(files), notes=notes)
+    return LoadedModel(model=model, path=p, file_bytes=total, external_files=list(files), notes=notes,
+                       raw_ranges=raw_ranges)
 
 
 def serialized_size(model: onnx.ModelProto) -> int | None:

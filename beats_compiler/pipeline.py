@@ -20,7 +20,7 @@ import onnx_graphsurgeon as gs
 
 from passes import Envelope, PassError, PassManager, to_graph, to_model
 from passes.convert import quiet, uses_external_refs
-from passes.graph import is_sorted
+from passes.graph import file_ranges, is_sorted
 
 from . import bisect as culprits  # (``bisect`` is also a flag of transform)
 from .errors import BeatsError, InputError, InternalError
@@ -131,7 +131,9 @@ def transform(model, command: str, edit: Callable[[gs.Graph, Envelope], Edit], *
         graph, env = to_graph(original, base_dir)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    done = edit(graph, env)
+    ranges = loaded.raw_ranges if loaded is not None else None
+    with file_ranges(original, loaded.path if loaded is not None else "", ranges):
+        done = edit(graph, env)
     with quiet():
         if not is_sorted(graph):
             graph.toposort()

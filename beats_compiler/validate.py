@@ -68,13 +68,13 @@ MAX_IR_VERSION = onnx.IR_VERSION
 
 def read_model_file(path: Path) -> tuple[onnx.ModelProto, int]:
     """Parse ``path`` as an ONNX model; returns the model and the file size."""
-    model, size, _ = read_model_file_sizes(path)
+    model, size, _ = read_model_file_ranges(path)
     return model, size
 
 
-def read_model_file_sizes(path: Path) -> tuple[onnx.ModelProto, int, list[int | None] | None]:
-    """``read_model_file`` plus ``raw_data_sizes`` of the file's bytes (for
-    ``validate_model``: reading a weight's ``raw_data`` to measure it copies it)."""
+def read_model_file_ranges(path: Path) -> tuple[onnx.ModelProto, int, list[tuple[int, int] | None] | None]:
+    """``read_model_file`` plus ``raw_data_ranges`` of the file's bytes: where
+    each main-graph initializer's ``raw_data`` lies in the file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -100,10 +100,10 @@ def read_model_file_sizes(path: Path) -> tuple[onnx.ModelProto, int, list[int | 
     finally:
         os.close(fd)
     model = parse_model_bytes(data, str(path))
-    sizes = raw_data_sizes(data)
-    if sizes is not None and len(sizes) != len(model.graph.initializer):
-        sizes = None
-    return model, len(data), sizes
+    ranges = raw_data_ranges(data)
+    if ranges is not None and len(ranges) != len(model.graph.initializer):
+        ranges = None
+    return model, len(data), ranges
 
 
 def _fields(data: bytes, start: int, end: int):
@@ -139,11 +139,18 @@ def _fields(data: bytes, start: int, end: int):
 def raw_data_sizes(data: bytes) -> list[int | None] | None:
     """The ``raw_data`` length of each initializer of the main graph, in order
     (None: no raw_data), read from a ModelProto's wire bytes without copying a
-    weight; None when the bytes hold anything this reader does not follow.
-    As protobuf parses: every ``graph`` field (7) of the model is merged into
-    one, so their initializers (field 5) concatenate; of several ``raw_data``
-    fields (9) in one tensor the last wins."""
-    sizes: list[int | None] = []
+    weight; None when the bytes hold anything this reader does not follow."""
+    ranges = raw_data_ranges(data)
+    return None if ranges is None else [None if r is None else r[1] for r in ranges]
+
+
+def raw_data_ranges(data: bytes) -> list[tuple[int, int] | None] | None:
+    """``(offset, length)`` in ``data`` of each main-graph initializer's
+    ``raw_data``, in order (None: no raw_data); None when the bytes hold
+    anything this reader does not follow.  As protobuf parses: every ``graph``
+    field (7) of the model is merged into one, so their initializers (field 5)
+    concatenate; of several ``raw_data`` fields (9) in one tensor the last wins."""
+    sizes: list[tuple[int, int] | None] = []
     end = len(data)
     seen = 0
     for num, wt, g0, g1 in _fields(data, 0, end):
@@ -159,7 +166,7 @@ def raw_data_sizes(data: bytes) -> list[int | None] | None:
             for tnum, twt, r0, r1 in _fields(data, t0, t1):
                 last = r1
                 if tnum == 9 and twt == 2:
-                    raw = r1 - r0
+                    raw = (r0, r1 - r0)
             if last != t1:
                 return None
             sizes.append(raw)

@@ -12,9 +12,9 @@ from onnx import TensorProto
 from .base import Pass, PassResult
 from .convert import ExternalValues, open_external
 from .graph import CACHE_LIMIT as _CACHE_LIMIT
-from .graph import const_dtype, const_shape, const_value, is_const, iter_graphs, replace_uses
+from .graph import const_dtype, const_shape, const_value, file_bytes, is_const, iter_graphs, replace_uses
 from .gs_adapter import LazyValues, lazy_values
-from .tensors import PACKED_4BIT
+from .tensors import PACKED_4BIT, tensor_nbytes
 
 __all__ = ["DedupeInitializers"]
 
@@ -44,6 +44,11 @@ def _probe(c: gs.Constant) -> bytes:
         with f:
             f.seek(offset)
             return f.read(min(_PROBE_BYTES, length))
+    if type(v) is LazyValues and v.nbytes > _CACHE_LIMIT and v.tensor.data_type in _RAW_IS_ARRAY:
+        # a large weight read from the model file: its first bytes there (raw_data copies it whole)
+        head = file_bytes(c, np.zeros(1, np.int64), min(_PROBE_BYTES, tensor_nbytes(v.tensor) or 0))
+        if head is not None:
+            return head.tobytes()
     if (type(v) is LazyValues and v.nbytes > _CACHE_LIMIT and v.tensor.data_type in _RAW_IS_ARRAY
             and v.tensor.HasField("raw_data") and sys.byteorder == "little"):
         # A large inline weight: its raw bytes are the array's bytes, and const_value would

@@ -37,6 +37,7 @@ from .graph import (
     const_shape,
     const_value,
     external_rows,
+    file_bytes,
     index_of,
     io_ids,
     is_const,
@@ -130,6 +131,20 @@ class _Bits:
 def _whole_tiles(n: int) -> int:
     """n rounded down to a multiple of ``_TILE`` (at least 1), so a tile splits into whole square tiles."""
     return max(1, n - n % _TILE if n >= _TILE else n)
+
+
+def _file_probes(c: gs.Constant) -> tuple[bytes, bytes] | None:
+    """``_probes`` of an in-memory weight sampled from the model file it was read
+    from (``graph.file_bytes``: its raw_data there), without copying the weight out
+    of its TensorProto; None when its bytes are not known there."""
+    shape, size = const_shape(c), const_dtype(c).itemsize
+    rows, cols = _positions(shape)
+    rows_t, cols_t = _positions(shape[::-1])
+    flat = np.concatenate([rows * shape[1] + cols, cols_t * shape[1] + rows_t]).astype(np.int64)
+    got = file_bytes(c, flat * size, size)
+    if got is None:
+        return None
+    return got[:len(rows)].tobytes(), got[len(rows):].tobytes()
 
 
 def _probes(m: _Bits) -> tuple[bytes, bytes]:
@@ -271,10 +286,13 @@ class DedupeTransposedInitializers(Pass):
         found = self._probes.get(v)
         bits = None
         if found is None:
-            bits = _Bits(c)
-            found = self._probes[v] = _probes(bits)
-            if bits.bits is None:
-                bits = None
+            found = _file_probes(c)  # a weight read from the model file: sampled there, not copied
+            if found is None:
+                bits = _Bits(c)
+                found = _probes(bits)
+                if bits.bits is None:
+                    bits = None
+            self._probes[v] = found
         return found, bits
 
     # ------------------------------------------------------------- planning

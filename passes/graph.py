@@ -6,7 +6,11 @@ comparison, so ``node in list`` is both slow and wrong for our purposes.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import os
+import sys
+from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -15,7 +19,7 @@ import onnx_graphsurgeon as gs
 
 from .convert import ExternalDataError, ExternalValues, open_external, quiet
 from .gs_adapter import LazyValues, lazy_values
-from .tensors import PACKED_4BIT
+from .tensors import PACKED_4BIT, tensor_nbytes
 
 __all__ = [
     "CACHE_LIMIT",
@@ -270,6 +274,65 @@ def external_rows(t: gs.Constant) -> ExternalRows | None:
             or v.tensor.data_type in PACKED_4BIT or v.tensor.data_type == onnx.TensorProto.STRING):
         return None
     return ExternalRows(v, dt)
+
+
+# Where in-memory weights also lie in the model file they were read from: the
+# ``raw_data`` of a top-level initializer, as parsed (the driver's ``file_ranges``
+# sets it for one transformation).  Reading ``raw_data`` copies the whole weight;
+# a pass that only samples a weight (a probe before a full comparison) reads the
+# samples there instead.  A hint, never the truth: every full comparison reads
+# the weights from memory, so a file changed since it was read can only make a
+# probe miss.
+_FILE_RANGES: contextvars.ContextVar[dict[int, tuple[onnx.TensorProto, str, int]] | None] = \
+    contextvars.ContextVar("beats_file_ranges", default=None)
+
+
+@contextmanager
+def file_ranges(model: onnx.ModelProto, path: str | os.PathLike,
+                ranges: list[tuple[int, int] | None] | None) -> Iterator[None]:
+    """While inside: ``file_bytes`` finds each top-level initializer of ``model``
+    whose ``raw_data`` lies at ``ranges[i]`` (offset, length) of ``path``."""
+    table: dict[int, tuple[onnx.TensorProto, str, int]] = {}
+    if ranges is not None and len(ranges) == len(model.graph.initializer) and sys.byteorder == "little":
+        for t, r in zip(model.graph.initializer, ranges):
+            if r is not None and t.HasField("raw_data") and tensor_nbytes(t) == r[1]:
+                table[id(t)] = (t, str(path), r[0])  # holds t: its id stays its own
+    token = _FILE_RANGES.set(table or None)
+    try:
+        yield
+    finally:
+        _FILE_RANGES.reset(token)
+
+
+def file_bytes(c: gs.Constant, starts: np.ndarray, count: int) -> np.ndarray | None:
+    """``count`` bytes from each byte offset in ``starts`` of ``c``'s raw data, read
+    from the model file it was loaded from (rows of a uint8 array), or None when
+    ``c`` is not an in-memory weight of that file (``file_ranges``) or the read
+    falls short.  Little-endian machines only (raw_data is little-endian)."""
+    table = _FILE_RANGES.get()
+    v = lazy_values(c)
+    if table is None or type(v) is not LazyValues:
+        return None
+    entry = table.get(id(v.tensor))
+    if entry is None or entry[0] is not v.tensor:
+        return None
+    _t, path, offset = entry
+    out = np.empty((len(starts), count), np.uint8)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        for i, s in enumerate(starts):
+            got = os.pread(fd, count, offset + int(s))
+            if len(got) != count:
+                return None
+            out[i] = np.frombuffer(got, np.uint8)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return out
 
 
 # A location no data file can have (``convert.resolve_external`` refuses NULs):
