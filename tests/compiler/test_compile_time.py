@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -15,6 +16,14 @@ from beats_compiler.errors import InputError
 from beats_compiler.io import load_model
 from beats_compiler.proto import copy_except
 from beats_compiler.validate import raw_data_sizes
+import passes.dedupe_initializers as di
+import passes.dedupe_transposed_initializers as td
+import passes.graph
+from passes import DedupeInitializers, to_graph, to_model
+from tests.helpers import assert_same_on_ort, f32, init_names, make_model, vi
+from tests.passes.test_dedupe_transposed_initializers import E, V, lm_head
+
+H = helper.make_node
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,3 +88,71 @@ def test_no_verify_compile_imports_neither_onnxruntime_nor_networkx_nor_rich(tmp
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "0 []"
     assert (tmp_path / "out.onnx").exists()
+
+
+# --- dedupe probes read from the model file (graph.file_ranges) ----------------------
+
+
+def _loaded(tmp_path, model):
+    p = tmp_path / "m.onnx"
+    onnx.save(model, str(p))
+    return p, load_model(p)
+
+
+def test_probes_of_weights_read_from_the_model_file_are_sampled_there(tmp_path, monkeypatch):
+    """A weight parsed from the model file is probed from its raw_data in the file (no
+    copy out of its TensorProto); the probes equal the in-memory ones, and the pass
+    finds the same pair as without the file."""
+    path, loaded = _loaded(tmp_path, lm_head([6, E]))
+    g, env = to_graph(loaded.model)
+    consts = {c.name: c for c in g.tensors().values() if isinstance(c, gs.Constant)}
+    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
+        from_file = {n: td._file_probes(c) for n, c in consts.items() if n in ("wte", "wt")}
+    assert all(v is not None for v in from_file.values())
+    for n, probe in from_file.items():
+        assert probe == td._probes(td._Bits(consts[n])), n
+    copies = []
+    real = td._matrix
+    monkeypatch.setattr(td, "_matrix", lambda c: copies.append(c.name) or real(c))
+    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
+        res = td.DedupeTransposedInitializers(min_bytes=0)(g)
+    assert res.stats.get("merged") == 1
+    assert len(copies) == 2  # the pair's full comparison, from memory; no copy for a probe
+
+
+def test_a_model_file_changed_after_loading_only_makes_probes_miss(tmp_path):
+    """The file is a hint: overwritten after loading, its samples no longer match, the
+    pair is not merged (never a merge of tensors whose bytes in memory differ)."""
+    path, loaded = _loaded(tmp_path, lm_head([6, E]))
+    other = lm_head([6, E], wt=f32(E, V, seed=9))  # same layout, other bytes for wt
+    onnx.save(other, str(path))
+    g, _ = to_graph(loaded.model)
+    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
+        res = td.DedupeTransposedInitializers(min_bytes=0)(g)
+    assert not res.stats.get("merged")
+    g, _ = to_graph(loaded.model)  # without the file: the pair in memory is found
+    assert td.DedupeTransposedInitializers(min_bytes=0)(g).stats.get("merged") == 1
+
+
+def test_large_weights_read_from_the_model_file_are_probed_there(tmp_path, monkeypatch):
+    """Two equal 2 MiB weights and a third differing only past the first 64 KiB, loaded
+    from a file: the probes (first 64 KiB) come from the file, the full comparison from
+    memory; the equal pair merges, the third stays."""
+    a = f32(512, 1024, seed=3)
+    c = a.copy()
+    c[-1, -1] += 1
+    m = make_model([H("Add", ["x", "a"], ["s"]), H("Add", ["s", "b"], ["t"]), H("Add", ["t", "c"], ["y"])],
+                   [vi("x", [512, 1024])], [vi("y", [512, 1024])], {"a": a, "b": a.copy(), "c": c})
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    loaded = load_model(path)
+    reads = []
+    real = di.file_bytes
+    monkeypatch.setattr(di, "file_bytes", lambda *args: reads.append(args[0].name) or real(*args))
+    g, env = to_graph(loaded.model)
+    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
+        res = DedupeInitializers()(g)
+    assert sorted(reads) == ["a", "b", "c"] and res.stats["merged"] == 1
+    out = to_model(g, env)
+    assert init_names(out) == ["a", "c"]
+    assert_same_on_ort(m, out)

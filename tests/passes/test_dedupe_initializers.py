@@ -104,30 +104,3 @@ def test_probe_external_data(tmp_path):
     onnx.save(to_model(g, env), tmp_path / "out.onnx")
     _check_probe(onnx.load(tmp_path / "out.onnx"), m)
 
-
-def test_large_weights_read_from_the_model_file_are_probed_there(tmp_path, monkeypatch):
-    """Two equal 2 MiB weights and a third differing only past the first 64 KiB, loaded
-    from a file: the probes (first 64 KiB) come from the file, the full comparison from
-    memory; the equal pair merges, the third stays."""
-    import passes.dedupe_initializers as di
-    import passes.graph
-    from beats_compiler.io import load_model
-
-    a = f32(512, 1024, seed=3)
-    c = a.copy()
-    c[-1, -1] += 1
-    m = make_model([H("Add", ["x", "a"], ["s"]), H("Add", ["s", "b"], ["t"]), H("Add", ["t", "c"], ["y"])],
-                   [vi("x", [512, 1024])], [vi("y", [512, 1024])], {"a": a, "b": a.copy(), "c": c})
-    path = tmp_path / "m.onnx"
-    onnx.save(m, str(path))
-    loaded = load_model(path)
-    reads = []
-    real = di.file_bytes
-    monkeypatch.setattr(di, "file_bytes", lambda *args: reads.append(args[0].name) or real(*args))
-    g, env = to_graph(loaded.model)
-    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
-        res = DedupeInitializers()(g)
-    assert sorted(reads) == ["a", "b", "c"] and res.stats["merged"] == 1
-    out = to_model(g, env)
-    assert init_names(out) == ["a", "c"]
-    assert_same_on_ort(m, out)

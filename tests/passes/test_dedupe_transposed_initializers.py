@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, external_data_helper, helper
 
@@ -281,45 +280,3 @@ def test_external_full_compare_stops_at_first_differing_tile(tmp_path, monkeypat
     assert not res.modified and res.stats == {"compared": 1}
     assert sum(log) == 2 * PROBE_BYTES + 2 * 64  # the first tile of each, no more
 
-
-def _loaded(tmp_path, model):
-    from beats_compiler.io import load_model
-
-    p = tmp_path / "m.onnx"
-    onnx.save(model, str(p))
-    return p, load_model(p)
-
-
-def test_probes_of_weights_read_from_the_model_file_are_sampled_there(tmp_path, monkeypatch):
-    """A weight parsed from the model file is probed from its raw_data in the file (no
-    copy out of its TensorProto); the probes equal the in-memory ones, and the pass
-    finds the same pair as without the file."""
-    path, loaded = _loaded(tmp_path, lm_head([6, E]))
-    g, env = to_graph(loaded.model)
-    consts = {c.name: c for c in g.tensors().values() if isinstance(c, gs.Constant)}
-    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
-        from_file = {n: td._file_probes(c) for n, c in consts.items() if n in ("wte", "wt")}
-    assert all(v is not None for v in from_file.values())
-    for n, probe in from_file.items():
-        assert probe == td._probes(td._Bits(consts[n])), n
-    copies = []
-    real = td._matrix
-    monkeypatch.setattr(td, "_matrix", lambda c: copies.append(c.name) or real(c))
-    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
-        res = DedupeTransposedInitializers(min_bytes=0)(g)
-    assert res.stats.get("merged") == 1
-    assert len(copies) == 2  # the pair's full comparison, from memory; no copy for a probe
-
-
-def test_a_model_file_changed_after_loading_only_makes_probes_miss(tmp_path):
-    """The file is a hint: overwritten after loading, its samples no longer match, the
-    pair is not merged (never a merge of tensors whose bytes in memory differ)."""
-    path, loaded = _loaded(tmp_path, lm_head([6, E]))
-    other = lm_head([6, E], wt=f32(E, V, seed=9))  # same layout, other bytes for wt
-    onnx.save(other, str(path))
-    g, _ = to_graph(loaded.model)
-    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
-        res = DedupeTransposedInitializers(min_bytes=0)(g)
-    assert not res.stats.get("merged")
-    g, _ = to_graph(loaded.model)  # without the file: the pair in memory is found
-    assert DedupeTransposedInitializers(min_bytes=0)(g).stats.get("merged") == 1
