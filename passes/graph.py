@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import math
 import os
+import stat
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -318,11 +319,13 @@ def file_bytes(c: gs.Constant, starts: np.ndarray, count: int) -> np.ndarray | N
         return None
     _t, path, offset = entry
     out = np.empty((len(starts), count), np.uint8)
-    try:
-        fd = os.open(path, os.O_RDONLY)
+    try:  # O_NONBLOCK: a FIFO put in the file's place must not hang the open
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
         for i, s in enumerate(starts):
             got = os.pread(fd, count, offset + int(s))
             if len(got) != count:

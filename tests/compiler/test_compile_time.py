@@ -156,3 +156,18 @@ def test_large_weights_read_from_the_model_file_are_probed_there(tmp_path, monke
     out = to_model(g, env)
     assert init_names(out) == ["a", "c"]
     assert_same_on_ort(m, out)
+
+
+def test_a_model_file_replaced_by_a_fifo_is_not_read_for_probes(tmp_path):
+    """The file is read again during the passes: a FIFO in its place since loading is
+    skipped at once (never a hang on its open), and the probes come from memory."""
+    import os
+
+    path, loaded = _loaded(tmp_path, lm_head([6, E]))
+    path.unlink()
+    os.mkfifo(path)
+    g, _ = to_graph(loaded.model)
+    with passes.graph.file_ranges(loaded.model, path, loaded.raw_ranges):
+        wte = next(c for c in g.tensors().values() if isinstance(c, gs.Constant) and c.name == "wte")
+        assert passes.graph.file_bytes(wte, np.zeros(1, np.int64), 4) is None
+        assert td.DedupeTransposedInitializers(min_bytes=0)(g).stats.get("merged") == 1
