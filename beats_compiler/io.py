@@ -20,7 +20,7 @@ from passes.tensors import tensor_nbytes
 
 from .errors import InputError, short_message
 from .proto import PROTOBUF_LIMIT, copy_except, is_repeated, model_shell
-from .validate import Limits, UnsortedGraph, read_model_file_ranges, sort_nodes, validate_model
+from .validate import Limits, UnsortedGraph, range_lengths, read_model_file_ranges, sort_nodes, validate_model
 from .wire import write_model
 
 _EXTERNAL_THRESHOLD = 1024  # tensors of at least this many bytes go to the data file
@@ -118,7 +118,7 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False, limits: Limits | 
     read one tensor at a time when needed."""
     p = Path(path)
     model, size, raw_ranges = read_model_file_ranges(p)
-    raw_sizes = None if raw_ranges is None else [None if r is None else r[1] for r in raw_ranges]
+    raw_sizes = range_lengths(raw_ranges)
     notes: list[str] = []
     try:
         validate_model(model, limits or Limits(), str(p), raw_sizes=raw_sizes)

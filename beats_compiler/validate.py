@@ -140,7 +140,11 @@ def raw_data_sizes(data: bytes) -> list[int | None] | None:
     """The ``raw_data`` length of each initializer of the main graph, in order
     (None: no raw_data), read from a ModelProto's wire bytes without copying a
     weight; None when the bytes hold anything this reader does not follow."""
-    ranges = raw_data_ranges(data)
+    return range_lengths(raw_data_ranges(data))
+
+
+def range_lengths(ranges: list[tuple[int, int] | None] | None) -> list[int | None] | None:
+    """The lengths of ``raw_data_ranges``' ranges (None where it has None)."""
     return None if ranges is None else [None if r is None else r[1] for r in ranges]
 
 

@@ -45,15 +45,14 @@ def _probe(c: gs.Constant) -> bytes:
             f.seek(offset)
             return f.read(min(_PROBE_BYTES, length))
     if type(v) is LazyValues and v.nbytes > _CACHE_LIMIT and v.tensor.data_type in _RAW_IS_ARRAY:
-        # a large weight read from the model file: its first bytes there (raw_data copies it whole)
+        # A large inline weight: its raw bytes are the array's bytes.  Read from the model
+        # file, its first bytes there (raw_data copies it whole); else raw_data, as
+        # const_value would copy it three times (raw_data, to_array, np.array) for 64 KiB of it.
         head = file_bytes(c, np.zeros(1, np.int64), min(_PROBE_BYTES, tensor_nbytes(v.tensor) or 0))
         if head is not None:
             return head.tobytes()
-    if (type(v) is LazyValues and v.nbytes > _CACHE_LIMIT and v.tensor.data_type in _RAW_IS_ARRAY
-            and v.tensor.HasField("raw_data") and sys.byteorder == "little"):
-        # A large inline weight: its raw bytes are the array's bytes, and const_value would
-        # copy it three times (raw_data, to_array, np.array) for 64 KiB of it.
-        return v.tensor.raw_data[:_PROBE_BYTES]
+        if v.tensor.HasField("raw_data") and sys.byteorder == "little":
+            return v.tensor.raw_data[:_PROBE_BYTES]
     a = np.ascontiguousarray(const_value(c)).reshape(-1).view(np.uint8)
     return a[:_PROBE_BYTES].tobytes()
 

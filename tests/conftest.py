@@ -8,15 +8,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def pytest_xdist_auto_num_workers(config):
     """``-n auto`` (pyproject's addopts): a worker per core, at most 4, and no more than
     one per 5 GiB of memory available (a worker running the exporters holds 2-3 GiB)."""
+    from beats_compiler.runner import available_memory
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(cores, 4)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        workers = min(workers, max(1, avail // (5 << 30)))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return workers
+    avail = available_memory()
+    return min(cores, 4) if avail is None else max(1, min(cores, 4, avail // (5 << 30)))
 
 
 def pytest_collection_modifyitems(config, items):
